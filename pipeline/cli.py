@@ -1,0 +1,90 @@
+"""`python -m pipeline <stage> --key value`, with the stages and parameters of MLproject."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.config import PROJECT_ROOT, read_yaml
+from pipeline.errors import PipelineError
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise PipelineError(f"expected true or false, got {value!r}")
+
+
+CONVERTERS = {"int": int, "float": float, "bool": parse_bool}
+
+
+def entry_points() -> dict:
+    return read_yaml(PROJECT_ROOT / "MLproject")["entry_points"]
+
+
+def _convert(stage: str, name: str, spec: dict, value: object) -> object:
+    converter = CONVERTERS.get(spec.get("type", "string"), str)
+    try:
+        return converter(value)
+    except (TypeError, ValueError, PipelineError) as err:
+        raise PipelineError(
+            f"{stage}: parameter {name} must be of type {spec.get('type')}, got {value!r}"
+        ) from err
+
+
+def stage_params(stage: str, overrides: dict | None = None) -> dict:
+    """A stage's parameters: MLproject defaults, then `overrides`, converted to their types."""
+    points = entry_points()
+    if stage not in points:
+        raise PipelineError(f"unknown stage {stage!r}: use one of {', '.join(points)}")
+    specs = points[stage].get("parameters", {})
+    unknown = set(overrides or {}) - set(specs)
+    if unknown:
+        raise PipelineError(
+            f"{stage} has no parameter {', '.join(sorted(unknown))}; "
+            f"its parameters are {', '.join(specs)}"
+        )
+    values = {name: spec.get("default") for name, spec in specs.items()}
+    values.update(overrides or {})
+    return {name: _convert(stage, name, specs[name], value) for name, value in values.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description="Stages of the MNIST MLP study (see MLproject)."
+    )
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for stage, point in entry_points().items():
+        sub = stages.add_parser(stage, help=f"run the {stage} stage")
+        sub.add_argument(
+            "--experiment", default=None,
+            help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or mnist-mlp)",
+        )
+        for name, spec in point.get("parameters", {}).items():
+            sub.add_argument(
+                f"--{name}", default=spec.get("default"),
+                help=f"{spec.get('type', 'string')}, default {spec.get('default')!r}",
+            )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    stage, experiment = args.pop("stage"), args.pop("experiment")
+    from pipeline import tracking
+    from pipeline.stages import STAGES
+
+    try:
+        params = stage_params(stage, args)
+        tracking.use_experiment(experiment)
+        run_id = STAGES[stage](params)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{stage} finished: run {run_id}")
+    return 0

@@ -1,0 +1,64 @@
+"""Reading experiment configs (one model each) and studies (which models, epochs, seeds)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    model: dict
+    path: Path
+    digest: str  # of the file's text: part of the cache key, so an edited config retrains
+    description: str = ""
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """`mlp4`, `mlp4.yaml` and `experiments/mlp4.yaml` all name the same file."""
+    candidates = [Path(name_or_path)]
+    if not name_or_path.endswith((".yaml", ".yml")):
+        candidates.append(EXPERIMENTS_DIR / f"{name_or_path}.yaml")
+    candidates.append(EXPERIMENTS_DIR / Path(name_or_path).name)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    available = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")))
+    raise PipelineError(
+        f"config {name_or_path!r} not found: pass a YAML path or one of the names in "
+        f"{EXPERIMENTS_DIR}: {available}"
+    )
+
+
+def read_yaml(path: Path) -> dict:
+    text = path.read_text()
+    try:
+        content = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise PipelineError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(content, dict):
+        raise PipelineError(f"{path} must hold a YAML mapping, not {type(content).__name__}")
+    return content
+
+
+def load_model_config(name_or_path: str) -> ModelConfig:
+    path = resolve_config_path(name_or_path)
+    content = read_yaml(path)
+    if not isinstance(content.get("model"), dict):
+        raise PipelineError(f"{path} has no `model:` mapping; see experiments/mlp3.yaml")
+    return ModelConfig(
+        name=str(content.get("name", path.stem)),
+        model=content["model"],
+        path=path,
+        digest=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        description=str(content.get("description", "")),
+    )
