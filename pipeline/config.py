@@ -62,3 +62,46 @@ def load_model_config(name_or_path: str) -> ModelConfig:
         digest=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
         description=str(content.get("description", "")),
     )
+
+
+@dataclass(frozen=True)
+class Study:
+    """Which configs and seeds to train, with what sample and training parameters."""
+
+    name: str
+    path: Path
+    configs: list[str]
+    seeds: list[int]
+    sample: dict  # sample_data parameters
+    train: dict  # train parameters shared by every (config, seed)
+    registered_model_name: str
+
+
+def _split_list(text: str) -> list[str]:
+    return [item.strip() for item in str(text).split(",") if item.strip()]
+
+
+def load_study(name_or_path: str, epochs: str = "", seeds: str = "", configs: str = "",
+               registered_model_name: str = "") -> Study:
+    """Read a study YAML; non-empty arguments override its values (lists are comma-separated)."""
+    path = resolve_config_path(name_or_path)
+    content = read_yaml(path)
+    train = dict(content.get("train") or {})
+    if str(epochs).strip():
+        train["epochs"] = epochs
+    study = Study(
+        name=str(content.get("name", path.stem)),
+        path=path,
+        configs=_split_list(configs) if configs else list(content.get("configs") or []),
+        seeds=[int(s) for s in (_split_list(seeds) if seeds else content.get("seeds") or [0])],
+        sample=dict(content.get("sample") or {}),
+        train=train,
+        registered_model_name=registered_model_name or content.get("registered_model_name", "mnist-mlp"),
+    )
+    if not study.configs:
+        raise PipelineError(f"study {path} lists no configs: add e.g. `configs: [mlp3, mlp4]`")
+    if not study.seeds:
+        raise PipelineError(f"study {path} lists no seeds: add e.g. `seeds: [0]`")
+    for config in study.configs:
+        load_model_config(config)  # fail before any stage runs
+    return study

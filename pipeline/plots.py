@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 SPLIT_STYLES = {"test": "-", "train": "--"}
 
@@ -25,12 +26,24 @@ def learning_curve(history: pd.DataFrame, metric: str, title: str) -> Figure:
     return fig
 
 
-def overlaid_curves(histories: dict[str, pd.DataFrame], column: str, title: str) -> Figure:
-    """One line per model for one per-epoch column, e.g. test_accuracy."""
+def grouped_curves(
+    groups: dict[str, list[pd.DataFrame]], columns: dict[str, str], title: str, ylabel: str
+) -> Figure:
+    """Per config, the mean over its runs of each column (style from `columns`, e.g.
+    {"test_accuracy": "-", "train_accuracy": "--"}), with a +-1 std band when it has several."""
     fig, ax = plt.subplots(figsize=(8, 6))
-    for label, history in histories.items():
-        ax.plot(history["epoch"], history[column], marker="o", markersize=3, label=label)
-    _decorate(ax, title, column.replace("_", " "))
+    for color, (label, histories) in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10,
+                                         groups.items()):
+        by_epoch = pd.concat(histories).groupby("epoch")
+        for column, style in columns.items():
+            mean, std = by_epoch[column].mean(), by_epoch[column].std()
+            name = column.split("_")[0] if len(columns) > 1 else ""
+            runs = f" (mean of {len(histories)})" if len(histories) > 1 else ""
+            ax.plot(mean.index, mean, linestyle=style, marker="o", markersize=3, color=color,
+                    label=f"{label} {name}{runs}".strip())
+            if len(histories) > 1:
+                ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.15)
+    _decorate(ax, title, ylabel)
     return fig
 
 
@@ -43,15 +56,19 @@ def _decorate(ax, title: str, ylabel: str) -> None:
     ax.figure.tight_layout()
 
 
-def digit_grid(images: torch.Tensor, titles: list[str], columns: int = 10) -> Figure:
-    """A grid of 28x28 digits, each with a caption."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles):
-        ax.imshow(image.numpy(), cmap="gray_r")
-        ax.set_title(title, fontsize=8)
+def digit_grid(images: torch.Tensor, captions: list[str], columns: int = 10) -> Figure:
+    """28x28 digits tiled into one image (one imshow, not one axes per digit: ~20x faster),
+    each with its caption in the padding above it."""
+    pad, cell = 12, 28 + 12
+    tiles = make_grid(images.unsqueeze(1).float() / 255, nrow=columns, padding=pad, pad_value=0)
+    rows = -(-len(images) // columns)
+    fig, ax = plt.subplots(figsize=(columns * 0.85, rows * 0.85 + 0.3))
+    ax.imshow(tiles[0].numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    for i, caption in enumerate(captions):
+        row, col = divmod(i, columns)
+        ax.text(col * cell + pad + 14, row * cell + pad - 1, caption, ha="center", va="bottom",
+                fontsize=6)
+    ax.axis("off")
     fig.tight_layout()
     return fig
 

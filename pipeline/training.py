@@ -133,9 +133,9 @@ def train(
         record = {
             "epoch": epoch,
             "train_loss": losses[:n_train].mean().item(),
-            "train_accuracy": correct[:n_train].float().mean().item(),
+            "train_accuracy": correct[:n_train].double().mean().item(),
             "test_loss": losses[n_train:].mean().item(),
-            "test_accuracy": correct[n_train:].float().mean().item(),
+            "test_accuracy": correct[n_train:].double().mean().item(),
             "epoch_time_s": time.perf_counter() - started,
         }
         history.append(record)

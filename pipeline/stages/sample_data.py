@@ -15,6 +15,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.exceptions import MlflowException
 
 from pipeline import plots, tracking
+from pipeline.cli import stage_params
 from pipeline.data import SPLITS, Sample, draw_sample, load_sample, save_sample
 
 STAGE = "sample_data"
@@ -118,3 +119,26 @@ def fetch_sample(run_id: str) -> Sample:
     """The sample a finished sample_data run logged."""
     tracking.get_stage_run(run_id, STAGE, "data_run_id")
     return load_sample(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SAMPLE_ARTIFACT))
+
+
+def resolve_data_run(params: dict) -> str:
+    """For a consuming stage: the given sample_data run, a finished one with the same
+    sampling (`sampling_seed` is sample_data's `seed`), or a new one."""
+    if params["data_run_id"]:
+        tracking.get_stage_run(params["data_run_id"], STAGE, "data_run_id")
+        return params["data_run_id"]
+    wanted = stage_params(
+        STAGE,
+        {
+            "data_dir": params["data_dir"],
+            "samples_per_class": params["samples_per_class"],
+            "sampling": params["sampling"],
+            "seed": params["sampling_seed"],
+        },
+    )
+    cached = tracking.find_cached_run(cache_key(wanted))
+    if cached:
+        print(f"using sample_data run {cached.info.run_id} ({describe(wanted)})")
+        return cached.info.run_id
+    print(f"no finished sample_data run for {describe(wanted)}: drawing one")
+    return run(wanted)

@@ -14,7 +14,6 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
 from pipeline import plots, tracking
-from pipeline.cli import stage_params
 from pipeline.config import load_model_config
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
@@ -23,6 +22,7 @@ from pipeline.training import TrainSettings, resolve_device, train
 STAGE = "train"
 CODE = ("pipeline.models", "pipeline.training", "pipeline.stages.train")
 MODEL_ARTIFACT = "model"
+MODEL_URI_TAG = "pipeline.model_uri"
 # Pinned without local version suffixes (+cpu/+cu130) so pip can install them when serving.
 MODEL_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
@@ -59,28 +59,6 @@ def cache_key(params: dict, data_run_id: str) -> str:
     return tracking.cache_key(STAGE, identity, CODE)
 
 
-def resolve_data_run(params: dict) -> str:
-    """The given sample_data run, or a finished one with the same sampling, or a new one."""
-    if params["data_run_id"]:
-        tracking.get_stage_run(params["data_run_id"], sample_data.STAGE, "data_run_id")
-        return params["data_run_id"]
-    wanted = stage_params(
-        sample_data.STAGE,
-        {
-            "data_dir": params["data_dir"],
-            "samples_per_class": params["samples_per_class"],
-            "sampling": params["sampling"],
-            "seed": params["sampling_seed"],
-        },
-    )
-    cached = tracking.find_cached_run(sample_data.cache_key(wanted))
-    if cached:
-        print(f"using sample_data run {cached.info.run_id} ({sample_data.describe(wanted)})")
-        return cached.info.run_id
-    print(f"no finished sample_data run for {sample_data.describe(wanted)}: drawing one")
-    return sample_data.run(wanted)
-
-
 def run(params: dict, data_run_id: str | None = None) -> str:
     """Train and log one model; returns the run id."""
     config_name = Path(params["config"]).stem
@@ -88,7 +66,7 @@ def run(params: dict, data_run_id: str | None = None) -> str:
     with tracking.stage_run(STAGE, run_name(params), params, tags) as run:
         config = load_model_config(params["config"])
         settings = settings_from(params)
-        data_run_id = data_run_id or resolve_data_run(params)
+        data_run_id = data_run_id or sample_data.resolve_data_run(params)
         mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
@@ -171,10 +149,12 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
     model.eval()
     with torch.inference_mode():
         output = model(example).numpy()
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
         name=MODEL_ARTIFACT,
         signature=infer_signature(example.numpy(), output),
         input_example=example.numpy(),
         pip_requirements=MODEL_REQUIREMENTS,
     )
+    # MLflow 3 keeps the model as a LoggedModel (models:/m-...); record where it is.
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)

@@ -1,0 +1,92 @@
+"""evaluate: load a logged or registered model as a consumer would and score it on a sample."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from sklearn.metrics import ConfusionMatrixDisplay
+
+from pipeline import plots, tracking
+from pipeline.errors import PipelineError
+from pipeline.evaluation import evaluate_logits
+from pipeline.stages import sample_data
+
+STAGE = "evaluate"
+CODE = ("pipeline.evaluation", "pipeline.stages.evaluate")
+SOURCE_RUN_TAG = "pipeline.source_run_id"
+MISCLASSIFIED_SHOWN = 40
+
+
+def source_run_id(model_uri: str) -> str | None:
+    """The run that logged the model behind `model_uri` (runs:/, models:/name@alias, ...)."""
+    if not model_uri:
+        raise PipelineError("model_uri is required, e.g. runs:/<train run id>/model or "
+                            "models:/mnist-mlp@champion")
+    try:
+        return mlflow.models.get_model_info(model_uri).run_id
+    except (MlflowException, OSError) as err:
+        raise PipelineError(
+            f"cannot find a model at {model_uri!r} in {mlflow.get_tracking_uri()}: "
+            f"{str(err).splitlines()[0]}. Use runs:/<train run id>/model, "
+            f"models:/<name>/<version> or models:/<name>@champion"
+        ) from err
+
+
+def data_run_for(params: dict, source_run: str | None) -> str:
+    """The given sample, else the one the model was trained on, else the default sample."""
+    if not params["data_run_id"] and source_run:
+        trained_on = mlflow.get_run(source_run).data.params.get("sample_run_id")
+        if trained_on:
+            return trained_on
+    return sample_data.resolve_data_run(params)
+
+
+def run_name(source_run: str | None) -> str:
+    if source_run:
+        name = mlflow.get_run(source_run).info.run_name or source_run
+        return "evaluate-" + name.removeprefix("train-")
+    return "evaluate"
+
+
+def cache_key(params: dict, source_run: str | None, data_run_id: str) -> str:
+    identity = {"model_uri": params["model_uri"], "source_run": source_run, "data": data_run_id}
+    return tracking.cache_key(STAGE, identity, CODE)
+
+
+def run(params: dict) -> str:
+    with tracking.stage_run(STAGE, "evaluate", params) as run:
+        source = source_run_id(params["model_uri"])
+        mlflow.set_tags({"mlflow.runName": run_name(source), SOURCE_RUN_TAG: source or ""})
+        if source:
+            mlflow.set_tag("pipeline.model", mlflow.get_run(source).data.tags.get("pipeline.model", ""))
+        data_run_id = data_run_for(params, source)
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, source, data_run_id))
+        tracking.log_params_once({"sample_run_id": data_run_id})
+        sample = sample_data.fetch_sample(data_run_id)
+        sample_data.log_sample_inputs(sample, data_run_id)
+
+        model = mlflow.pyfunc.load_model(params["model_uri"])
+        logits = np.asarray(model.predict(sample.test.features().numpy()))
+        labels = sample.test.labels.numpy()
+        result = evaluate_logits(logits, labels)
+
+        mlflow.log_metrics(result.metrics())
+        mlflow.log_text(result.per_class.to_csv(), "per_class.csv")
+        mlflow.log_text(result.confusion.to_csv(), "confusion_matrix.csv")
+        display = ConfusionMatrixDisplay(result.confusion.to_numpy(), display_labels=list(range(10)))
+        display.plot(cmap="Blues", colorbar=False)
+        display.ax_.set_title(f"Confusion matrix, test accuracy {result.accuracy:.4f}")
+        mlflow.log_figure(display.figure_, "confusion_matrix.png")
+        plots.close(display.figure_)
+
+        wrong = np.flatnonzero(result.predictions != labels)[:MISCLASSIFIED_SHOWN]
+        titles = [f"true {labels[i]} / pred {result.predictions[i]}" for i in wrong]
+        fig = plots.digit_grid(sample.test.images[torch.from_numpy(wrong)], titles, columns=8)
+        fig.suptitle(f"{len(np.flatnonzero(result.predictions != labels))} misclassified test digits "
+                     f"(first {len(wrong)} shown)")
+        mlflow.log_figure(fig, "misclassified.png")
+        plots.close(fig)
+        print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} ({params['model_uri']})")
+        return run.info.run_id

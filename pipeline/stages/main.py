@@ -1,0 +1,99 @@
+"""main: the whole study in one process, every stage a nested run, finished stages reused.
+
+A stage is reused when a FINISHED run in this experiment has the same cache key: the stage,
+its parameters, the run ids it consumes and the source of the code it runs (see
+tracking.cache_key). `force=true` reruns everything.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import mlflow
+import pandas as pd
+
+from pipeline import tracking
+from pipeline.cli import stage_params
+from pipeline.config import load_study
+from pipeline.stages import compare, evaluate, sample_data, train
+
+STAGE = "main"
+
+
+class Ledger:
+    """Which stage runs the study used, and whether each was reused from the cache."""
+
+    def __init__(self, force: bool):
+        self.force = force
+        self.rows: list[dict] = []
+
+    def step(self, stage: str, label: str, key: str, execute: Callable[[], str]) -> str:
+        cached = None if self.force else tracking.find_cached_run(key)
+        if cached:
+            print(f"[main] {label}: reusing finished run {cached.info.run_id}")
+            run_id, reused = cached.info.run_id, True
+        else:
+            print(f"[main] {label}: running")
+            run_id, reused = execute(), False
+        self.rows.append({"stage": stage, "label": label, "run_id": run_id, "reused": reused})
+        return run_id
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["stage", "label", "run_id", "reused"])
+
+
+def run(params: dict) -> str:
+    with tracking.stage_run(STAGE, "main", params) as parent:
+        study = load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
+                           params["registered_model_name"])
+        mlflow.set_tag("mlflow.runName", f"main-{study.name}")
+        tracking.log_params_once({
+            "study_name": study.name, "study_configs": ",".join(study.configs),
+            "study_seeds": ",".join(map(str, study.seeds)),
+            "study_epochs": study.train.get("epochs", stage_params("train")["epochs"]),
+        })
+        ledger = Ledger(params["force"])
+
+        data = stage_params("sample_data", {"data_dir": params["data_dir"], **study.sample})
+        data_run = ledger.step("sample_data", sample_data.run_name(data),
+                               sample_data.cache_key(data), lambda: sample_data.run(data))
+
+        train_runs = []
+        for config in study.configs:
+            for seed in study.seeds:
+                fit = stage_params("train", {
+                    **study.train, "config": config, "seed": seed, "data_run_id": data_run,
+                    "data_dir": params["data_dir"], "samples_per_class": data["samples_per_class"],
+                    "sampling": data["sampling"], "sampling_seed": data["seed"],
+                })
+                train_runs.append(ledger.step(
+                    "train", train.run_name(fit), train.cache_key(fit, data_run),
+                    lambda fit=fit: train.run(fit),
+                ))
+        mlflow.set_tag(compare.TRAIN_RUNS_TAG, ",".join(train_runs))
+
+        for train_run in train_runs:
+            scoring = stage_params("evaluate", {
+                "model_uri": f"runs:/{train_run}/model", "data_run_id": data_run,
+                "data_dir": params["data_dir"],
+            })
+            ledger.step("evaluate", evaluate.run_name(train_run),
+                        evaluate.cache_key(scoring, train_run, data_run),
+                        lambda scoring=scoring: evaluate.run(scoring))
+
+        comparing = stage_params("compare", {
+            "run_ids": ",".join(train_runs),
+            "registered_model_name": study.registered_model_name,
+        })
+        ledger.step("compare", "compare", compare.cache_key(comparing, train_runs),
+                    lambda: compare.run(comparing))
+
+        table = ledger.frame()
+        mlflow.log_text(table.to_csv(index=False), "stages.csv")
+        reused = table[table.reused]
+        mlflow.set_tag("pipeline.reused_stages", ",".join(reused.label) or "none")
+        mlflow.log_metrics({"stages_run": int((~table.reused).sum()),
+                            "stages_reused": int(table.reused.sum())})
+        print(f"[main] done: {len(table) - len(reused)} stage(s) ran, {len(reused)} reused; "
+              f"parent run {parent.info.run_id}")
+        return parent.info.run_id
