@@ -56,11 +56,12 @@ def stage_params(stage: str, overrides: dict | None = None) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline", description="Stages of the MNIST MLP study (see MLproject)."
+        prog="python -m pipeline", description="Stages of the MNIST MLP study (see MLproject).",
+        allow_abbrev=False,  # `--epoch 3` must not quietly mean `--epochs 3`
     )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, point in entry_points().items():
-        sub = stages.add_parser(stage, help=f"run the {stage} stage")
+        sub = stages.add_parser(stage, help=f"run the {stage} stage", allow_abbrev=False)
         sub.add_argument(
             "--experiment", default=None,
             help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or mnist-mlp)",

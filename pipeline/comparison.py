@@ -83,6 +83,18 @@ def config_table(runs: pd.DataFrame) -> pd.DataFrame:
     return table.sort_values("final_test_accuracy", ascending=False)
 
 
+def readable_table(configs: pd.DataFrame) -> pd.DataFrame:
+    """The config table for people: `mean +- std` in one cell where a config has several runs."""
+    table = configs[["runs", *SETTINGS]].copy()
+    for column in SUMMARY_STATS:
+        digits = 4 if "accuracy" in column else 2
+        table[column] = [
+            f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+            for mean, std in zip(configs[column], configs[f"{column}_std"])
+        ]
+    return table
+
+
 def pairwise_tests(runs: pd.DataFrame) -> pd.DataFrame:
     """For each pair of configs: the difference in mean final test accuracy (b - a), its 95%
     confidence interval and Welch's t-test p-value; NaN where a config has a single run."""

@@ -69,10 +69,12 @@ def load_mnist(root: str | Path, train: bool, download: bool = True) -> MNIST:
         try:
             dataset = MNIST(root=str(root), train=train, download=True)
         except Exception as download_err:  # offline: URLError, RuntimeError, OSError...
+            reason = (str(download_err).strip().splitlines() or [type(download_err).__name__])[0]
             raise PipelineError(
-                _missing_data_message(root, f"download failed: {download_err}")
+                _missing_data_message(root, f"download failed: {reason}")
             ) from download_err
-    except (AssertionError, ValueError) as err:
+    except (AssertionError, ValueError, KeyError, TypeError) as err:
+        # torchvision's IDX parser fails in several ways on truncated or damaged headers.
         raise PipelineError(_corrupt_message(raw, err)) from err
     if len(dataset.data) != len(dataset.targets) or dataset.data.shape[1:] != (28, 28):
         raise PipelineError(
@@ -87,7 +89,7 @@ def load_mnist(root: str | Path, train: bool, download: bool = True) -> MNIST:
 
 def _corrupt_message(raw: Path, err: object) -> str:
     return (
-        f"could not read the MNIST IDX files in {raw}: {err or type(err).__name__}. They look "
+        f"could not read the MNIST IDX files in {raw}: {str(err) or type(err).__name__}. They look "
         f"truncated or corrupt: replace them with intact copies (md5 sums are in the torchvision "
         f"MNIST source) or delete them so they download again."
     )

@@ -27,12 +27,25 @@ class Scale(nn.Module):
         return f"factor={self.factor}"
 
 
+def _check_keys(where: str, spec: dict, allowed: set[str], required: set[str] = frozenset()) -> None:
+    """A misspelt key would silently build another network, so unknown keys are errors."""
+    if not isinstance(spec, dict):
+        raise PipelineError(f"{where} must be a mapping, got {spec!r}")
+    unknown = set(spec) - allowed
+    missing = set(required) - set(spec)
+    if unknown or missing:
+        problems = [f"unknown key(s) {', '.join(sorted(unknown))}" if unknown else "",
+                    f"missing key(s) {', '.join(sorted(missing))}" if missing else ""]
+        raise PipelineError(f"{where}: {'; '.join(p for p in problems if p)}; allowed keys are "
+                            f"{', '.join(sorted(allowed))}")
+
+
 def _mlp(spec: dict) -> list[nn.Module]:
+    _check_keys("model", spec, {"type", "hidden"})
     layers: list[nn.Module] = []
     width = IMAGE_PIXELS
     for i, hidden in enumerate(spec.get("hidden", [])):
-        if not isinstance(hidden, dict) or "units" not in hidden:
-            raise PipelineError(f"model.hidden[{i}] must be a mapping with 'units', got {hidden!r}")
+        _check_keys(f"model.hidden[{i}]", hidden, {"units", "batch_norm"}, {"units"})
         layers.append(nn.Linear(width, hidden["units"]))
         if hidden.get("batch_norm", False):
             layers.append(nn.BatchNorm1d(hidden["units"]))
@@ -43,6 +56,7 @@ def _mlp(spec: dict) -> list[nn.Module]:
 
 
 def _vgg(spec: dict) -> list[nn.Module]:
+    _check_keys("model", spec, {"type", "input_size", "conv", "classifier", "dropout"}, {"conv"})
     size = spec.get("input_size", 32)
     layers: list[nn.Module] = [nn.Unflatten(1, (1, 28, 28))]
     if size != 28:

@@ -9,6 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
 SPLIT_STYLES = {"test": "-", "train": "--"}
@@ -43,6 +44,8 @@ def grouped_curves(
                     label=f"{label} {name}{runs}".strip())
             if len(histories) > 1:
                 ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.15)
+    if any(len(histories) > 1 for histories in groups.values()):
+        title += " (band: mean +- 1 std over seeds)"
     _decorate(ax, title, ylabel)
     return fig
 
@@ -50,6 +53,7 @@ def grouped_curves(
 def _decorate(ax, title: str, ylabel: str) -> None:
     ax.set_title(title)
     ax.set_xlabel("Epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel.capitalize())
     ax.grid(True)
     ax.legend()

@@ -7,7 +7,7 @@ import pandas as pd
 
 from pipeline import plots, registry, tracking
 from pipeline.comparison import (
-    RunRecord, config_table, conclusion, pairwise_tests, run_table,
+    RunRecord, config_table, conclusion, pairwise_tests, readable_table, run_table,
 )
 from pipeline.errors import PipelineError
 from pipeline.stages import train
@@ -157,10 +157,10 @@ def run(params: dict) -> str:
 
 
 def _log_tables(runs: pd.DataFrame, configs: pd.DataFrame, pairs: pd.DataFrame, text: str) -> None:
-    shown = configs.dropna(axis=1, how="all")  # std columns vanish when each config ran once
-    mlflow.log_text(shown.to_csv(), "comparison.csv")
-    mlflow.log_text(shown.to_markdown(floatfmt=".4f"), "comparison.md")
-    mlflow.log_text(shown.to_html(float_format="%.4f"), "comparison.html")
+    mlflow.log_text(configs.to_csv(), "comparison.csv")
+    readable = readable_table(configs)
+    mlflow.log_text(readable.to_markdown() + "\n", "comparison.md")
+    mlflow.log_text(readable.to_html(), "comparison.html")
     mlflow.log_text(runs.to_csv(index=False), "runs.csv")
     mlflow.log_text(pairs.to_csv(index=False), "pairwise.csv")
     mlflow.log_text(text + "\n", "conclusion.md")

@@ -1,0 +1,286 @@
+"""Shared fixtures: a throwaway MLflow tracking store, per-test experiments, tiny real MNIST files.
+
+Nothing here touches the user's ./mlflow.db or ./mlruns: the tracking store is one SQLite file
+per test session under pytest's tmp dir, and every experiment the tests create puts its
+artifacts there too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before mlflow is imported anywhere: no telemetry from test runs.
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+import re  # noqa: E402
+import struct  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The tests' tensors are tiny: one thread is faster, and two OpenMP threads spin-waiting on a
+# 2-core machine that is busy with anything else slow a 0.02 s epoch down to over a second.
+torch.set_num_threads(1)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The real MNIST root (torchvision layout MNIST/raw/*), ../shared/datasets from the repo root.
+REAL_DATA_ROOT = Path(__file__).parents[1].parent / "shared" / "datasets"
+REAL_RAW_FILES = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+HAVE_REAL_MNIST = all((REAL_DATA_ROOT / "MNIST" / "raw" / f).is_file() for f in REAL_RAW_FILES)
+requires_real_mnist = pytest.mark.skipif(
+    not HAVE_REAL_MNIST, reason=f"real MNIST not found under {REAL_DATA_ROOT / 'MNIST' / 'raw'}"
+)
+
+# Variables `mlflow run` sets for the process it starts; left over in a shell they would make
+# the stages resume someone else's run or write to another experiment.
+RUN_ENV_VARS = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+# Tiny MNIST written by the tests: 30 train and 12 test images of each digit.
+TINY_TRAIN_PER_CLASS = 30
+TINY_TEST_PER_CLASS = 12
+
+
+def pytest_configure(config):
+    # MLflow's SQLAlchemy store trips this deprecation on every fresh store; not ours to fix.
+    config.addinivalue_line(
+        "filterwarnings", "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Tracking store and experiments
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrackingStore:
+    uri: str
+    root: Path  # holds mlflow.db and artifacts/
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.root / "artifacts"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: str
+    name: str
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_store(tmp_path_factory) -> TrackingStore:
+    """One temporary SQLite store for the whole session (creating one costs ~1.5 s).
+
+    Autouse, so that no test can fall back on ./mlflow.db; the database file itself is only
+    created when a test first talks to the store.
+    """
+    root = tmp_path_factory.mktemp("mlflow")
+    store = TrackingStore(uri=f"sqlite:///{root / 'mlflow.db'}", root=root)
+    store.artifact_root.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        for var in RUN_ENV_VARS:
+            mp.delenv(var, raising=False)
+        mp.setenv("MLFLOW_TRACKING_URI", store.uri)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mlflow.set_tracking_uri(store.uri)
+        yield store
+        _end_active_runs()
+
+
+@pytest.fixture(autouse=True)
+def _clean_mlflow_run_env(monkeypatch):
+    """No test sees MLFLOW_RUN_ID / MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME."""
+    for var in RUN_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _end_active_runs() -> None:
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+def create_experiment(store: TrackingStore, label: str) -> Experiment:
+    """A new, uniquely named experiment whose artifacts live under the temporary store."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", label)[:60].strip("-")
+    name = f"test-{safe}-{uuid.uuid4().hex[:8]}"
+    experiment_id = mlflow.create_experiment(
+        name, artifact_location=(store.artifact_root / name).as_uri()
+    )
+    return Experiment(id=experiment_id, name=name)
+
+
+def use_new_experiment(store: TrackingStore, label: str) -> Experiment:
+    experiment = create_experiment(store, label)
+    mlflow.set_experiment(experiment.name)
+    return experiment
+
+
+@pytest.fixture
+def experiment(tracking_store, request) -> Experiment:
+    """A fresh experiment, made the active one, for this test alone."""
+    _end_active_runs()
+    yield use_new_experiment(tracking_store, request.node.name)
+    _end_active_runs()
+
+
+def runs_in(experiment: Experiment, stage: str | None = None) -> list:
+    """All runs of an experiment (optionally of one pipeline stage), oldest first."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment.id], output_format="list",
+        order_by=["attributes.start_time ASC"],
+    )
+    if stage is not None:
+        runs = [r for r in runs if r.data.tags.get("pipeline.stage") == stage]
+    return runs
+
+
+def only_run(experiment: Experiment, stage: str):
+    runs = runs_in(experiment, stage)
+    assert len(runs) == 1, f"expected one {stage} run, found {len(runs)}"
+    return runs[0]
+
+
+def subprocess_env(store: TrackingStore) -> dict:
+    """Environment for a child process: the temporary store, and this interpreter's `python`
+    first on PATH (what `mlflow run --env-manager local` runs the entry point with)."""
+    env = {k: v for k, v in os.environ.items() if k not in RUN_ENV_VARS}
+    env["MLFLOW_TRACKING_URI"] = store.uri
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny real MNIST (IDX files torchvision reads for real)
+# --------------------------------------------------------------------------------------------
+
+
+def digit_block(digit: int) -> tuple[slice, slice]:
+    """Where digit `digit`'s bright block sits: two rows of five positions, all disjoint."""
+    row, col = (digit // 5) * 14 + 4, (digit % 5) * 5 + 2
+    return slice(row, row + 6), slice(col, col + 4)
+
+
+@dataclass(frozen=True)
+class TinyMnist:
+    root: Path
+    train_images: np.ndarray  # (N, 28, 28) uint8, file order
+    train_labels: np.ndarray  # (N,) uint8, file order
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "MNIST" / "raw"
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return (self.train_images, self.train_labels) if name == "train" else (
+            self.test_images, self.test_labels
+        )
+
+
+def write_idx_images(path: Path, images: np.ndarray) -> None:
+    assert images.dtype == np.uint8 and images.ndim == 3
+    n, rows, cols = images.shape
+    path.write_bytes(struct.pack(">IIII", 0x00000803, n, rows, cols) + images.tobytes())
+
+
+def write_idx_labels(path: Path, labels: np.ndarray) -> None:
+    assert labels.dtype == np.uint8 and labels.ndim == 1
+    path.write_bytes(struct.pack(">II", 0x00000801, len(labels)) + labels.tobytes())
+
+
+def write_tiny_mnist(
+    root: Path,
+    train_per_class: int = TINY_TRAIN_PER_CLASS,
+    test_per_class: int = TINY_TEST_PER_CLASS,
+    seed: int = 0,
+) -> TinyMnist:
+    """Write root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte.
+
+    Classes come in shuffled order; each digit is noise (0..59) plus a bright 6x4 block
+    (200..255) at a position of its own, so a model can learn it in an epoch or two.
+    """
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for prefix, per_class in (("train", train_per_class), ("t10k", test_per_class)):
+        labels = rng.permutation(np.repeat(np.arange(10), per_class)).astype(np.uint8)
+        images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+        for i, digit in enumerate(labels):
+            rows, cols = digit_block(int(digit))
+            images[i, rows, cols] = rng.integers(200, 256, size=(6, 4), dtype=np.uint8)
+        write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
+        write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return TinyMnist(
+        root=Path(root),
+        train_images=arrays["train"][0], train_labels=arrays["train"][1],
+        test_images=arrays["t10k"][0], test_labels=arrays["t10k"][1],
+    )
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> TinyMnist:
+    """Tiny MNIST of this test's own under tmp_path (free to truncate or corrupt)."""
+    return write_tiny_mnist(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def shared_tiny_mnist(tmp_path_factory) -> TinyMnist:
+    """Tiny MNIST shared by the session's stage runs; tests must not modify it."""
+    return write_tiny_mnist(tmp_path_factory.mktemp("tiny_mnist"))
+
+
+# --------------------------------------------------------------------------------------------
+# Stage runs shared across tests (each sample_data run costs seconds: its digit grid)
+# --------------------------------------------------------------------------------------------
+
+SHARED_SAMPLES_PER_CLASS = 12
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    run_id: str
+    experiment: Experiment
+    params: dict
+    data: TinyMnist
+
+
+@pytest.fixture(scope="session")
+def sample_run(tracking_store, shared_tiny_mnist) -> SampleRun:
+    """One real sample_data run (first 12 of each digit) on the shared tiny MNIST."""
+    from pipeline.cli import stage_params
+    from pipeline.stages import sample_data
+
+    _end_active_runs()
+    experiment = use_new_experiment(tracking_store, "shared-sample")
+    params = stage_params(
+        "sample_data",
+        {"data_dir": str(shared_tiny_mnist.root), "samples_per_class": SHARED_SAMPLES_PER_CLASS,
+         "download": False},
+    )
+    run_id = sample_data.run(params)
+    return SampleRun(run_id=run_id, experiment=experiment, params=params, data=shared_tiny_mnist)
+
+
+def train_overrides(sample: SampleRun, **overrides) -> dict:
+    """Small, fast train parameters on the shared sample run."""
+    values = {
+        "config": "mlp3", "epochs": 2, "batch_size": 16, "device": "cpu",
+        "log_model": False, "data_run_id": sample.run_id,
+    }
+    values.update(overrides)
+    return values

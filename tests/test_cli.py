@@ -1,0 +1,143 @@
+"""`python -m pipeline <stage> --key value` and its agreement with MLproject."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
+
+from pipeline.cli import build_parser, entry_points, main, parse_bool, stage_params
+from pipeline.config import read_yaml
+from pipeline.errors import PipelineError
+
+MLPROJECT = read_yaml(REPO_ROOT / "MLproject")
+STAGES = list(MLPROJECT["entry_points"])
+
+
+def stage_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def run_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def test_mlproject_declares_the_two_foundation_stages():
+    assert {"sample_data", "train"} <= set(STAGES)
+
+
+def test_cli_parameters_are_mlprojects_for_every_stage():
+    parsers = stage_parsers()
+    assert set(parsers) == set(STAGES)
+    for stage, parser in parsers.items():
+        options = {
+            a.dest for a in parser._actions
+            if a.option_strings and a.dest not in ("help", "experiment")
+        }
+        declared = MLPROJECT["entry_points"][stage].get("parameters", {})
+        assert options == set(declared), stage
+        for name, spec in declared.items():
+            assert parser.get_default(name) == spec.get("default"), (stage, name)
+
+
+def test_mlproject_commands_pass_every_parameter_under_its_own_name():
+    for stage, point in MLPROJECT["entry_points"].items():
+        command = " ".join(point["command"].split())
+        assert command.startswith(f"python -m pipeline {stage} "), stage
+        pairs = re.findall(r"--(\w+) \{(\w+)\}", command)
+        assert all(flag == placeholder for flag, placeholder in pairs), (stage, pairs)
+        assert {flag for flag, _ in pairs} == set(point.get("parameters", {})), stage
+
+
+def test_train_defaults_are_the_seeds():
+    params = stage_params("train")
+    assert (params["epochs"], params["batch_size"], params["lr"], params["momentum"]) == (
+        20, 64, 0.01, 0.9
+    )
+    assert params["normalize"] is False
+    assert params["config"] == "experiments/mlp3.yaml"
+    assert (params["samples_per_class"], params["sampling"]) == (600, "first")
+    sample = stage_params("sample_data")
+    assert (sample["samples_per_class"], sample["sampling"]) == (600, "first")
+
+
+def test_stage_params_convert_types():
+    params = stage_params(
+        "train", {"epochs": "3", "lr": "1e-2", "normalize": "True", "log_model": "0"}
+    )
+    assert params["epochs"] == 3 and params["lr"] == 0.01
+    assert params["normalize"] is True and params["log_model"] is False
+
+
+@pytest.mark.parametrize(
+    "stage, overrides, match",
+    [
+        ("train", {"epochs": "three"}, "epochs must be of type int, got 'three'"),
+        ("train", {"lr": "fast"}, "lr must be of type float"),
+        ("sample_data", {"download": "maybe"}, "download must be of type bool"),
+        ("train", {"epoch": 3}, "train has no parameter epoch"),
+        ("deploy", {}, "unknown stage 'deploy'"),
+    ],
+)
+def test_stage_params_reject_bad_values(stage, overrides, match):
+    with pytest.raises(PipelineError, match=match):
+        stage_params(stage, overrides)
+
+
+def test_parse_bool():
+    assert parse_bool("true") is True and parse_bool("False") is False
+    with pytest.raises(PipelineError):
+        parse_bool("ja")
+
+
+def test_cli_bad_type_exits_2_with_a_one_line_error(capsys):
+    assert main(["train", "--epochs", "three"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [err]
+    assert err.startswith("error: train: parameter epochs must be of type int")
+
+
+def test_help_lists_the_stages():
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60,
+    )
+    assert result.returncode == 0
+    for stage in STAGES:
+        assert re.search(rf"^\s+{stage}\b", result.stdout, re.MULTILINE), stage
+
+
+def test_train_with_zero_epochs_exits_2_with_a_one_line_error_and_a_failed_run(tracking_store):
+    experiment = create_experiment(tracking_store, "cli-epochs-0")
+    result = run_cli("train", "--epochs", "0", "--experiment", experiment.name,
+                     "--device", "cpu", env=subprocess_env(tracking_store))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: epochs must be a positive integer, got 0"]
+    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    [run] = runs_in(experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["pipeline.error"] == "epochs must be a positive integer, got 0"
+    assert mlflow.get_experiment(experiment.id).name == experiment.name
+
+
+def test_unknown_option_is_an_argparse_error():
+    parser = build_parser()
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["train", "--epochz", "3"])
+    assert info.value.code == 2
+
+
+def test_entry_points_come_from_mlproject():
+    assert entry_points() == MLPROJECT["entry_points"]

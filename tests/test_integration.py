@@ -1,0 +1,98 @@
+"""The real stages through `mlflow run . --env-manager local` on the real MNIST files."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import (
+    REAL_DATA_ROOT,
+    REPO_ROOT,
+    create_experiment,
+    requires_real_mnist,
+    runs_in,
+    subprocess_env,
+)
+from mlflow import MlflowClient
+
+pytestmark = [pytest.mark.integration, requires_real_mnist]
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+PER_EPOCH = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+
+
+def mlflow_run(store, experiment, *params: str, timeout: float = 300):
+    command = [str(MLFLOW), "run", ".", "-e", "train"]
+    for param in params:
+        command += ["-P", param]
+    command += ["--env-manager", "local", "--experiment-name", experiment.name]
+    return subprocess.run(command, cwd=REPO_ROOT, env=subprocess_env(store),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def mlp4_run(tracking_store):
+    experiment = create_experiment(tracking_store, "integration-mlp4")
+    result = mlflow_run(tracking_store, experiment, "config=experiments/mlp4.yaml", "epochs=2",
+                        f"data_dir={REAL_DATA_ROOT}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return experiment, result
+
+
+def test_mlflow_run_train_mlp4_leaves_a_complete_finished_run(mlp4_run):
+    experiment, result = mlp4_run
+    client = MlflowClient()
+    [run] = runs_in(experiment, "train")
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.params["config"] == "experiments/mlp4.yaml"
+    assert run.data.params["model_config"] == "mlp4"
+    assert run.data.params["epochs"] == "2"
+    assert run.data.params["samples_per_class"] == "600"
+    assert run.data.metrics["num_params"] == 934_410
+
+    for key in (*PER_EPOCH, "epoch_time_s"):
+        history = client.get_metric_history(run_id, key)
+        assert [m.step for m in history] == [1, 2], key
+        assert all(math.isfinite(m.value) for m in history), key
+    test_accuracy = [m.value for m in client.get_metric_history(run_id, "test_accuracy")]
+    assert run.data.metrics["final_test_accuracy"] == test_accuracy[-1]
+    assert test_accuracy[-1] > 0.85  # the seed's regime after two epochs is ~0.9
+
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"accuracy.png", "loss.png", "history.csv"} <= artifacts
+    history = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                              artifact_path="history.csv"))
+    assert history["epoch"].tolist() == [1, 2]
+
+    # It drew the real sample itself: the first 600 of each digit, in a finished sample run.
+    [sample] = runs_in(experiment, "sample_data")
+    assert sample.info.status == "FINISHED"
+    assert run.data.params["sample_run_id"] == sample.info.run_id
+    assert sample.data.metrics["train_examples"] == 6000
+    assert sample.data.metrics["test_examples"] == 6000
+
+    from pipeline.stages.sample_data import fetch_sample
+
+    data = fetch_sample(sample.info.run_id)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    predictions = np.asarray(model.predict(data.test.features().numpy()))
+    accuracy = float((predictions.argmax(1) == data.test.labels.numpy()).mean())
+    assert accuracy == pytest.approx(run.data.metrics["final_test_accuracy"], abs=1e-9)
+
+
+def test_mlflow_run_train_with_zero_epochs_leaves_a_failed_run(tracking_store):
+    experiment = create_experiment(tracking_store, "integration-epochs-0")
+    result = mlflow_run(tracking_store, experiment, "epochs=0", f"data_dir={REAL_DATA_ROOT}",
+                        timeout=120)
+    assert result.returncode != 0
+    assert "error: epochs must be a positive integer, got 0" in result.stderr
+    [run] = runs_in(experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["pipeline.error"] == "epochs must be a positive integer, got 0"
