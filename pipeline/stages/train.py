@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+import cloudpickle
 
 import mlflow
 import numpy as np
@@ -13,7 +16,7 @@ import torch
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from pipeline import plots, tracking
+from pipeline import models, plots, tracking
 from pipeline.config import load_model_config
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
@@ -51,7 +54,7 @@ def cache_key(params: dict, data_run_id: str) -> str:
     settings = settings_from(params)
     identity = {
         "config_digest": config.digest,
-        "settings": settings.__dict__,
+        "settings": asdict(settings),
         "normalize": params["normalize"],
         "log_model": params["log_model"],
         "data_run_id": data_run_id,
@@ -59,14 +62,14 @@ def cache_key(params: dict, data_run_id: str) -> str:
     return tracking.cache_key(STAGE, identity, CODE)
 
 
-def run(params: dict, data_run_id: str | None = None) -> str:
+def run(params: dict) -> str:
     """Train and log one model; returns the run id."""
     config_name = Path(params["config"]).stem
     tags = {"pipeline.model": config_name}
     with tracking.stage_run(STAGE, run_name(params), params, tags) as run:
         config = load_model_config(params["config"])
         settings = settings_from(params)
-        data_run_id = data_run_id or sample_data.resolve_data_run(params)
+        data_run_id = sample_data.resolve_data_run(params)
         mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
@@ -149,12 +152,18 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
     model.eval()
     with torch.inference_mode():
         output = model(example).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name=MODEL_ARTIFACT,
-        signature=infer_signature(example.numpy(), output),
-        input_example=example.numpy(),
-        pip_requirements=MODEL_REQUIREMENTS,
-    )
+    # Our own layers (models.Scale) are pickled by value, so the model loads where this
+    # package is not installed.
+    cloudpickle.register_pickle_by_value(models)
+    try:
+        info = mlflow.pytorch.log_model(
+            model,
+            name=MODEL_ARTIFACT,
+            signature=infer_signature(example.numpy(), output),
+            input_example=example.numpy(),
+            pip_requirements=MODEL_REQUIREMENTS,
+        )
+    finally:
+        cloudpickle.unregister_pickle_by_value(models)
     # MLflow 3 keeps the model as a LoggedModel (models:/m-...); record where it is.
     mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
