@@ -89,7 +89,8 @@ def readable_table(configs: pd.DataFrame) -> pd.DataFrame:
     for column in SUMMARY_STATS:
         digits = 4 if "accuracy" in column else 2
         table[column] = [
-            f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+            "not converged" if math.isnan(mean)
+            else f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
             for mean, std in zip(configs[column], configs[f"{column}_std"])
         ]
     return table

@@ -63,6 +63,11 @@ def _decorate(ax, title: str, ylabel: str) -> None:
 def digit_grid(images: torch.Tensor, captions: list[str], columns: int = 10) -> Figure:
     """28x28 digits tiled into one image (one imshow, not one axes per digit: ~20x faster),
     each with its caption in the padding above it."""
+    if len(images) == 0:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no digits to show", ha="center", va="center")
+        ax.axis("off")
+        return fig
     pad, cell = 12, 28 + 12
     tiles = make_grid(images.unsqueeze(1).float() / 255, nrow=columns, padding=pad, pad_value=0)
     rows = -(-len(images) // columns)

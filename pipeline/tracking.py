@@ -127,6 +127,7 @@ def get_stage_run(run_id: str, stage: str, purpose: str) -> Run:
         )
     if run.info.status != "FINISHED":
         raise PipelineError(
-            f"{purpose}: run {run_id} is {run.info.status}, not FINISHED; rerun that stage"
+            f"{purpose}: run {run_id} is {run.info.status}, not FINISHED; wait for it to finish "
+            f"or pass a finished run"
         )
     return run

@@ -81,11 +81,11 @@ def run(params: dict) -> str:
         mlflow.log_figure(display.figure_, "confusion_matrix.png")
         plots.close(display.figure_)
 
-        wrong = np.flatnonzero(result.predictions != labels)[:MISCLASSIFIED_SHOWN]
-        titles = [f"true {labels[i]} / pred {result.predictions[i]}" for i in wrong]
-        fig = plots.digit_grid(sample.test.images[torch.from_numpy(wrong)], titles, columns=8)
-        fig.suptitle(f"{len(np.flatnonzero(result.predictions != labels))} misclassified test digits "
-                     f"(first {len(wrong)} shown)")
+        wrong = np.flatnonzero(result.predictions != labels)
+        shown = wrong[:MISCLASSIFIED_SHOWN]
+        titles = [f"true {labels[i]} / pred {result.predictions[i]}" for i in shown]
+        fig = plots.digit_grid(sample.test.images[torch.from_numpy(shown)], titles, columns=8)
+        fig.suptitle(f"{len(wrong)} misclassified test digits (first {len(shown)} shown)")
         mlflow.log_figure(fig, "misclassified.png")
         plots.close(fig)
         print(f"test accuracy {result.accuracy:.4f}, loss {result.loss:.4f} ({params['model_uri']})")

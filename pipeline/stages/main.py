@@ -58,13 +58,15 @@ def run(params: dict) -> str:
         data_run = ledger.step("sample_data", sample_data.run_name(data),
                                sample_data.cache_key(data), lambda: sample_data.run(data))
 
+        # Consumers log the sampling that made their sample, as they would when run alone.
+        sampling = {"data_dir": data["data_dir"], "samples_per_class": data["samples_per_class"],
+                    "sampling": data["sampling"], "sampling_seed": data["seed"]}
         train_runs = []
         for config in study.configs:
             for seed in study.seeds:
                 fit = stage_params("train", {
                     **study.train, "config": config, "seed": seed, "data_run_id": data_run,
-                    "data_dir": params["data_dir"], "samples_per_class": data["samples_per_class"],
-                    "sampling": data["sampling"], "sampling_seed": data["seed"],
+                    **sampling,
                 })
                 train_runs.append(ledger.step(
                     "train", train.run_name(fit), train.cache_key(fit, data_run),
@@ -74,8 +76,7 @@ def run(params: dict) -> str:
 
         for train_run in train_runs:
             scoring = stage_params("evaluate", {
-                "model_uri": f"runs:/{train_run}/model", "data_run_id": data_run,
-                "data_dir": params["data_dir"],
+                "model_uri": f"runs:/{train_run}/model", "data_run_id": data_run, **sampling,
             })
             ledger.step("evaluate", evaluate.run_name(train_run),
                         evaluate.cache_key(scoring, train_run, data_run),
