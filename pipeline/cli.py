@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from pipeline.config import PROJECT_ROOT, read_yaml
@@ -23,6 +24,7 @@ def parse_bool(value: object) -> bool:
 CONVERTERS = {"int": int, "float": float, "bool": parse_bool}
 
 
+@functools.cache
 def entry_points() -> dict:
     return read_yaml(PROJECT_ROOT / "MLproject")["entry_points"]
 

@@ -57,7 +57,6 @@ def _decorate(ax, title: str, ylabel: str) -> None:
     ax.set_ylabel(ylabel.capitalize())
     ax.grid(True)
     ax.legend()
-    ax.figure.tight_layout()
 
 
 def digit_grid(images: torch.Tensor, captions: list[str], columns: int = 10) -> Figure:
@@ -78,7 +77,7 @@ def digit_grid(images: torch.Tensor, captions: list[str], columns: int = 10) -> 
         ax.text(col * cell + pad + 14, row * cell + pad - 1, caption, ha="center", va="bottom",
                 fontsize=6)
     ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.92)
     return fig
 
 
