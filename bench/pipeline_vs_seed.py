@@ -3,7 +3,8 @@
 Runs `python bench/seed_notebook.py` (load the data, train both MLPs for 20 epochs) and
 `mlflow run . --env-manager local` (sample, train both, evaluate both, compare, register, all
 MLflow I/O) on a fresh temporary tracking store (cold cache), then the pipeline again (warm
-cache), alternating `--repeats` times, and prints wall times and ratios. Not a test: it prints.
+cache), then `python -m pipeline main` on another fresh store (the same work without
+`mlflow run`'s own process), `--repeats` times, and prints wall times and ratios. Not a test.
 
     python bench/pipeline_vs_seed.py --data_dir ../shared/datasets [--repeats 2]
 """
@@ -35,7 +36,7 @@ def main():
     parser.add_argument("--epochs", default="20")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
-    seed_times, cold_times, warm_times = [], [], []
+    seed_times, cold_times, warm_times, direct_times = [], [], [], []
     for _ in range(args.repeats):
         store = tempfile.mkdtemp()
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -48,11 +49,17 @@ def main():
                     "-P", f"epochs={args.epochs}"]
         cold_times.append(timed(pipeline, env))
         warm_times.append(timed(pipeline, env))
-    seed, cold, warm = (statistics.median(t) for t in (seed_times, cold_times, warm_times))
+        # The same study without `mlflow run`'s own process, on another fresh store.
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+        direct_times.append(timed([sys.executable, "-m", "pipeline", "main", "--data_dir",
+                                   data_dir, "--epochs", args.epochs], env))
+    seed, cold, warm, direct = (statistics.median(t) for t in
+                                (seed_times, cold_times, warm_times, direct_times))
     print(f"{args.repeats} repeats, {args.epochs} epochs, median wall time:")
     print(f"  seed notebook script           {seed:6.1f} s")
     print(f"  mlflow run . (cold cache)      {cold:6.1f} s   {cold / seed:.2f}x the seed script")
     print(f"  mlflow run . (every stage hit) {warm:6.1f} s   {warm / seed:.2f}x")
+    print(f"  python -m pipeline main (cold) {direct:6.1f} s   {direct / seed:.2f}x")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ tracking.cache_key). `force=true` reruns everything.
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import mlflow
@@ -28,6 +29,7 @@ class Ledger:
         self.rows: list[dict] = []
 
     def step(self, stage: str, label: str, key: str, execute: Callable[[], str]) -> str:
+        started = time.perf_counter()
         cached = None if self.force else tracking.find_cached_run(key)
         if cached:
             print(f"[main] {label}: reusing finished run {cached.info.run_id}")
@@ -35,11 +37,12 @@ class Ledger:
         else:
             print(f"[main] {label}: running")
             run_id, reused = execute(), False
-        self.rows.append({"stage": stage, "label": label, "run_id": run_id, "reused": reused})
+        self.rows.append({"stage": stage, "label": label, "run_id": run_id, "reused": reused,
+                          "seconds": round(time.perf_counter() - started, 2)})
         return run_id
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["stage", "label", "run_id", "reused"])
+        return pd.DataFrame(self.rows, columns=["stage", "label", "run_id", "reused", "seconds"])
 
 
 def run(params: dict) -> str:

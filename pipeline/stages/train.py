@@ -109,8 +109,8 @@ def run(params: dict) -> str:
 
 def _log_epoch(run_id: str, record: dict, epochs: int, history: list[dict]) -> None:
     history.append(record)
-    # One direct batch write: ~4 ms on SQLite, where fluent log_metrics takes ~13 ms and the
-    # asynchronous queue costs up to a second to flush at the end (bench/logging_cost.py).
+    # One synchronous batch write, a few ms on SQLite (bench/logging_cost.py); MLflow's
+    # asynchronous queue polls with a 1 s timeout, so flushing it can add up to a second per run.
     timestamp = int(time.time() * 1000)
     metrics = [
         Metric(key, value, timestamp, record["epoch"])
