@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import REPO_ROOT
@@ -12,44 +14,9 @@ from pipeline.errors import PipelineError
 from pipeline.models import Scale, build_model, count_parameters
 
 
-class SeedMLP3(nn.Module):
-    """The seed notebook's 3-layer MLP, as written there."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden1 = nn.Linear(784, 512)
-        self.act1 = nn.ReLU()
-        self.hidden2 = nn.Linear(512, 512)
-        self.batchNorm2 = nn.BatchNorm1d(512)
-        self.act2 = nn.ReLU()
-        self.output = nn.Linear(512, 10)
-
-    def forward(self, x):
-        x = self.act1(self.hidden1(x))
-        x = self.act2(self.batchNorm2(self.hidden2(x)))
-        return self.output(x)
-
-
-class SeedMLP4(nn.Module):
-    """The seed notebook's 4-layer MLP, as written there."""
-
-    def __init__(self):
-        super().__init__()
-        self.hidden1 = nn.Linear(784, 512)
-        self.act1 = nn.ReLU()
-        self.hidden2 = nn.Linear(512, 512)
-        self.batchNorm2 = nn.BatchNorm1d(512)
-        self.act2 = nn.ReLU()
-        self.hidden3 = nn.Linear(512, 512)
-        self.batchNorm3 = nn.BatchNorm1d(512)
-        self.act3 = nn.ReLU()
-        self.output = nn.Linear(512, 10)
-
-    def forward(self, x):
-        x = self.act1(self.hidden1(x))
-        x = self.act2(self.batchNorm2(self.hidden2(x)))
-        x = self.act3(self.batchNorm3(self.hidden3(x)))
-        return self.output(x)
+# The notebook's own MLP classes, transcribed once in bench/seed_notebook.py.
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from seed_notebook import MLP3 as SeedMLP3, MLP4 as SeedMLP4  # noqa: E402
 
 
 def model_from(name: str, normalize: bool = False) -> nn.Sequential:
