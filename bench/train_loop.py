@@ -32,9 +32,10 @@ from seed_notebook import MLP3, MLP4, load_seed_data, seed_epoch  # noqa: E402
 def our_epoch_times(model, sample, settings, run_id):
     """Wall time between successive epoch ends, logging and console line included."""
     marks, history = [time.perf_counter()], []
+    client = mlflow.MlflowClient()
 
     def on_epoch(record):
-        _log_epoch(run_id, record, settings.epochs, history)
+        _log_epoch(client, run_id, record, settings.epochs, history)
         marks.append(time.perf_counter())
 
     train(model, (sample.train.features(), sample.train.labels),

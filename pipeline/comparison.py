@@ -49,21 +49,28 @@ def epochs_to_converge(test_accuracy: list[float]) -> float:
     return last_outside + 2  # the 1-based epoch after the last one outside the band
 
 
+def summarize(history: pd.DataFrame) -> dict:
+    """A run's summary: final and best test accuracy and the (first) epoch of the best."""
+    best = history.loc[history["test_accuracy"].idxmax()]
+    return {
+        "final_test_accuracy": float(history["test_accuracy"].iloc[-1]),
+        "best_test_accuracy": float(best["test_accuracy"]),
+        "best_epoch": int(best["epoch"]),
+    }
+
+
 def run_table(records: list[RunRecord]) -> pd.DataFrame:
     """One row per run."""
     rows = []
     for record in records:
         history = record.history
-        best = history.loc[history["test_accuracy"].idxmax()]
         rows.append({
             "config": record.config,
             "seed": record.seed,
             "run_id": record.run_id,
             **{k: record.settings.get(k) for k in SETTINGS},
             "epochs": len(history),
-            "final_test_accuracy": float(history["test_accuracy"].iloc[-1]),
-            "best_test_accuracy": float(best["test_accuracy"]),
-            "best_epoch": int(best["epoch"]),
+            **summarize(history),
             "epochs_to_converge": epochs_to_converge(history["test_accuracy"].tolist()),
             "median_epoch_time_s": float(history["epoch_time_s"].median()),
             "train_time_s": record.train_time_s,

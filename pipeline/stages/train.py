@@ -17,6 +17,7 @@ from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
 from pipeline import models, plots, tracking
+from pipeline.comparison import summarize
 from pipeline.config import load_model_config
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
@@ -85,6 +86,7 @@ def run(params: dict) -> str:
               f"{settings.device}, {settings.epochs} epochs")
 
         history: list[dict] = []
+        client = mlflow.MlflowClient()
         started = time.perf_counter()
         try:
             train(
@@ -92,12 +94,13 @@ def run(params: dict) -> str:
                 (sample.train.features(), sample.train.labels),
                 (sample.test.features(), sample.test.labels),
                 settings,
-                on_epoch=lambda record: _log_epoch(run.info.run_id, record, settings.epochs, history),
+                on_epoch=lambda record: _log_epoch(client, run.info.run_id, record,
+                                                   settings.epochs, history),
             )
         finally:
             # Even a diverged run keeps the epochs it finished.
             _log_history(history, config.name)
-        summary = summarize(history)
+        summary = summarize(pd.DataFrame(history))
         summary["train_time_s"] = time.perf_counter() - started
         mlflow.log_metrics(summary)
         if params["log_model"]:
@@ -107,7 +110,8 @@ def run(params: dict) -> str:
         return run.info.run_id
 
 
-def _log_epoch(run_id: str, record: dict, epochs: int, history: list[dict]) -> None:
+def _log_epoch(client: mlflow.MlflowClient, run_id: str, record: dict, epochs: int,
+               history: list[dict]) -> None:
     history.append(record)
     # One synchronous batch write, a few ms on SQLite (bench/logging_cost.py); MLflow's
     # asynchronous queue polls with a 1 s timeout, so flushing it can add up to a second per run.
@@ -116,7 +120,7 @@ def _log_epoch(run_id: str, record: dict, epochs: int, history: list[dict]) -> N
         Metric(key, value, timestamp, record["epoch"])
         for key, value in record.items() if key != "epoch"
     ]
-    mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
+    client.log_batch(run_id, metrics=metrics)
     print(
         f"epoch {record['epoch']:>3}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
@@ -124,16 +128,6 @@ def _log_epoch(run_id: str, record: dict, epochs: int, history: list[dict]) -> N
         f"{record['epoch_time_s']:.2f}s",
         file=sys.stderr, flush=True,
     )
-
-
-def summarize(history: list[dict]) -> dict:
-    frame = pd.DataFrame(history)
-    best = frame.loc[frame["test_accuracy"].idxmax()]
-    return {
-        "final_test_accuracy": float(frame["test_accuracy"].iloc[-1]),
-        "best_test_accuracy": float(best["test_accuracy"]),
-        "best_epoch": int(best["epoch"]),
-    }
 
 
 def _log_history(history: list[dict], name: str) -> None:
