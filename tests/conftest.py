@@ -284,3 +284,19 @@ def train_overrides(sample: SampleRun, **overrides) -> dict:
     }
     values.update(overrides)
     return values
+
+
+def download(run_id: str, path: str) -> Path:
+    """A run's artifact, fetched to a local path."""
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
+
+
+def assert_failed(run, *fragments: str) -> str:
+    """The run is FAILED, carries pipeline.error, and the message holds every fragment."""
+    assert run.info.status == "FAILED"
+    message = run.data.tags.get("pipeline.error")
+    assert message, "a failed run must say why in the pipeline.error tag"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    assert mlflow.active_run() is None, "the failed run was left active"
+    return message

@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import (
+    download,
+    assert_failed,
     SHARED_SAMPLES_PER_CLASS,
     TINY_TEST_PER_CLASS,
     Experiment,
@@ -47,19 +49,8 @@ def artifact_paths(run_id: str, path: str | None = None) -> set[str]:
     return {a.path for a in MlflowClient().list_artifacts(run_id, path)}
 
 
-def download(run_id: str, path: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
 
 
-def assert_failed(run, *fragments: str) -> str:
-    """The run is FAILED, carries pipeline.error, and the message holds every fragment."""
-    assert run.info.status == "FAILED"
-    message = run.data.tags.get(ERROR_TAG)
-    assert message, "a failed run must say why in the pipeline.error tag"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert mlflow.active_run() is None, "the failed run was left active"
-    return message
 
 
 # ---------------------------------------------------------------------------------------------

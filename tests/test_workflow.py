@@ -24,6 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import (
+    download,
+    assert_failed,
     Experiment,
     SampleRun,
     TinyMnist,
@@ -74,8 +76,6 @@ def artifact_paths(run_id: str) -> set[str]:
     return {a.path for a in MlflowClient().list_artifacts(run_id)}
 
 
-def download(run_id: str, path: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
 
 
 def read_csv(run_id: str, path: str, **kwargs) -> pd.DataFrame:
@@ -92,15 +92,6 @@ def assert_png(run_id: str, path: str) -> None:
     assert len(data) > 2000, f"{path} is suspiciously small ({len(data)} bytes)"
 
 
-def assert_failed(run, *fragments: str) -> str:
-    """The run is FAILED, carries pipeline.error, and the message holds every fragment."""
-    assert run.info.status == "FAILED"
-    message = run.data.tags.get(ERROR_TAG)
-    assert message, "a failed run must say why in the pipeline.error tag"
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
-    assert mlflow.active_run() is None, "the failed run was left active"
-    return message
 
 
 def unique_model_name(label: str) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import (
+    download,
     REAL_DATA_ROOT,
     REPO_ROOT,
     Experiment,
@@ -52,8 +53,6 @@ def output(result) -> str:
     return result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def download(run_id: str, path: str) -> Path:
-    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path))
 
 
 @dataclass(frozen=True)
