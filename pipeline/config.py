@@ -89,11 +89,15 @@ def load_study(name_or_path: str, epochs: str = "", seeds: str = "", configs: st
     train = dict(content.get("train") or {})
     if str(epochs).strip():
         train["epochs"] = epochs
+    try:
+        seed_list = [int(s) for s in (_split_list(seeds) if seeds else content.get("seeds") or [0])]
+    except (TypeError, ValueError) as err:
+        raise PipelineError(f"seeds must be whole numbers, e.g. seeds=0,1,2 ({err})") from err
     study = Study(
         name=str(content.get("name", path.stem)),
         path=path,
         configs=_split_list(configs) if configs else list(content.get("configs") or []),
-        seeds=[int(s) for s in (_split_list(seeds) if seeds else content.get("seeds") or [0])],
+        seeds=seed_list,
         sample=dict(content.get("sample") or {}),
         train=train,
         registered_model_name=registered_model_name or content.get("registered_model_name", "mnist-mlp"),

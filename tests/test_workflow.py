@@ -926,3 +926,10 @@ def test_vgg11_trains_through_the_train_stage(experiment, noisy_mnist, shared: S
     [sample] = runs_in(experiment, "sample_data")
     assert sample.data.metrics["train_examples"] == 30
     assert run.data.params["sample_run_id"] == sample.info.run_id
+
+
+def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
+    from pipeline.config import load_study
+
+    with pytest.raises(PipelineError, match="seeds must be whole numbers"):
+        load_study("depth_study", seeds="0,one")
