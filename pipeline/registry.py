@@ -22,10 +22,6 @@ class Registration:
     champion_version: str
     alias_moved: bool
 
-    @property
-    def is_champion(self) -> bool:
-        return self.version == self.champion_version
-
 
 def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
     try:

@@ -69,6 +69,7 @@ def run(params: dict) -> str:
     tags = {"pipeline.model": config_name}
     with tracking.stage_run(STAGE, run_name(params), params, tags) as run:
         config = load_model_config(params["config"])
+        mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
         settings = settings_from(params)
         data_run_id = sample_data.resolve_data_run(params)
         mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
