@@ -18,7 +18,6 @@ EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 class ModelConfig:
     name: str
     model: dict
-    path: Path
     digest: str  # of the file's text: part of the cache key, so an edited config retrains
     description: str = ""
 
@@ -58,7 +57,6 @@ def load_model_config(name_or_path: str) -> ModelConfig:
     return ModelConfig(
         name=str(content.get("name", path.stem)),
         model=content["model"],
-        path=path,
         digest=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
         description=str(content.get("description", "")),
     )
@@ -69,7 +67,6 @@ class Study:
     """Which configs and seeds to train, with what sample and training parameters."""
 
     name: str
-    path: Path
     configs: list[str]
     seeds: list[int]
     sample: dict  # sample_data parameters
@@ -95,7 +92,6 @@ def load_study(name_or_path: str, epochs: str = "", seeds: str = "", configs: st
         raise PipelineError(f"seeds must be whole numbers, e.g. seeds=0,1,2 ({err})") from err
     study = Study(
         name=str(content.get("name", path.stem)),
-        path=path,
         configs=_split_list(configs) if configs else list(content.get("configs") or []),
         seeds=seed_list,
         sample=dict(content.get("sample") or {}),
