@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.model_spec import validate_model_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
@@ -54,6 +55,10 @@ def load_model_config(name_or_path: str) -> ModelConfig:
     content = read_yaml(path)
     if not isinstance(content.get("model"), dict):
         raise PipelineError(f"{path} has no `model:` mapping; see experiments/mlp3.yaml")
+    try:
+        validate_model_spec(content["model"])
+    except PipelineError as err:
+        raise PipelineError(f"{path}: {err}") from None
     return ModelConfig(
         name=str(content.get("name", path.stem)),
         model=content["model"],

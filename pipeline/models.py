@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pipeline.data import IMAGE_PIXELS, NUM_CLASSES
-from pipeline.errors import PipelineError
+from pipeline.model_spec import POOL, validate_model_spec
 
 
 class Scale(nn.Module):
@@ -27,25 +27,10 @@ class Scale(nn.Module):
         return f"factor={self.factor}"
 
 
-def _check_keys(where: str, spec: dict, allowed: set[str], required: set[str] = frozenset()) -> None:
-    """A misspelt key would silently build another network, so unknown keys are errors."""
-    if not isinstance(spec, dict):
-        raise PipelineError(f"{where} must be a mapping, got {spec!r}")
-    unknown = set(spec) - allowed
-    missing = set(required) - set(spec)
-    if unknown or missing:
-        problems = [f"unknown key(s) {', '.join(sorted(unknown))}" if unknown else "",
-                    f"missing key(s) {', '.join(sorted(missing))}" if missing else ""]
-        raise PipelineError(f"{where}: {'; '.join(p for p in problems if p)}; allowed keys are "
-                            f"{', '.join(sorted(allowed))}")
-
-
 def _mlp(spec: dict) -> list[nn.Module]:
-    _check_keys("model", spec, {"type", "hidden"})
     layers: list[nn.Module] = []
     width = IMAGE_PIXELS
-    for i, hidden in enumerate(spec.get("hidden", [])):
-        _check_keys(f"model.hidden[{i}]", hidden, {"units", "batch_norm"}, {"units"})
+    for hidden in spec.get("hidden", []):
         layers.append(nn.Linear(width, hidden["units"]))
         if hidden.get("batch_norm", False):
             layers.append(nn.BatchNorm1d(hidden["units"]))
@@ -56,14 +41,13 @@ def _mlp(spec: dict) -> list[nn.Module]:
 
 
 def _vgg(spec: dict) -> list[nn.Module]:
-    _check_keys("model", spec, {"type", "input_size", "conv", "classifier", "dropout"}, {"conv"})
     size = spec.get("input_size", 32)
     layers: list[nn.Module] = [nn.Unflatten(1, (1, 28, 28))]
     if size != 28:
         layers.append(nn.Upsample(size=(size, size), mode="bilinear", align_corners=False))
     channels = 1
     for item in spec["conv"]:
-        if item == "M":
+        if item == POOL:
             layers.append(nn.MaxPool2d(2))
             size //= 2
         else:
@@ -83,12 +67,8 @@ BUILDERS = {"mlp": _mlp, "vgg": _vgg}
 
 def build_model(spec: dict, normalize: bool = False) -> nn.Sequential:
     """The network a config's `model:` block describes; `normalize` scales pixels to 0..1."""
-    kind = spec.get("type")
-    if kind not in BUILDERS:
-        raise PipelineError(
-            f"unknown model type {kind!r} in config: use one of {', '.join(sorted(BUILDERS))}"
-        )
-    layers = _scale(normalize) + BUILDERS[kind](spec)
+    validate_model_spec(spec)
+    layers = _scale(normalize) + BUILDERS[spec["type"]](spec)
     return nn.Sequential(*layers)
 
 

@@ -13,6 +13,8 @@ CHAMPION = "champion"
 OWNER_TAG = "pipeline.project"
 OWNER = "mnist-mlp-pipeline"
 ACCURACY_TAG = "test_accuracy"
+# The digest MLflow gave the test split the accuracy was measured on (the run's dataset input).
+SAMPLE_TAG = "test_sample_digest"
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Registration:
     version: str
     champion_version: str
     alias_moved: bool
+    note: str = ""  # why the alias stayed, when the accuracies could not be compared
 
 
 def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
@@ -41,10 +44,15 @@ def _ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
 
 
 def register_best(
-    name: str, run_id: str, model_uri: str, config: str, test_accuracy: float
+    name: str, run_id: str, model_uri: str, config: str, test_accuracy: float,
+    test_sample_digest: str,
 ) -> Registration:
     """Register the model of `run_id` (once per run) and make it champion if it beats the
-    current champion's recorded test accuracy."""
+    current champion's recorded test accuracy on the same test sample.
+
+    Accuracies on different test samples are not comparable (a smaller or easier sample can
+    score higher), so a champion scored on another sample keeps the alias, with a note.
+    """
     client = mlflow.MlflowClient()
     _ensure_registered_model(client, name)
     existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
@@ -53,14 +61,23 @@ def register_best(
     else:
         version = mlflow.register_model(
             model_uri, name,
-            tags={"source_run_id": run_id, "config": config, ACCURACY_TAG: f"{test_accuracy:.6f}"},
+            tags={"source_run_id": run_id, "config": config, ACCURACY_TAG: f"{test_accuracy:.6f}",
+                  SAMPLE_TAG: test_sample_digest},
         )
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
-    beats = champion is None or test_accuracy > float(champion.tags.get(ACCURACY_TAG, "-inf"))
-    if beats and (champion is None or champion.version != version.version):
+    if champion is not None and champion.version == version.version:
+        return Registration(name, str(version.version), str(version.version), False)
+    if champion is not None and champion.tags.get(SAMPLE_TAG) != test_sample_digest:
+        note = (f"champion version {champion.version} was scored on another test sample "
+                f"(digest {champion.tags.get(SAMPLE_TAG) or 'unknown'}, this one "
+                f"{test_sample_digest}), so their accuracies are not comparable and the alias "
+                f"stays; use another registered_model_name for this sample, or move the alias "
+                f"by hand")
+        return Registration(name, str(version.version), str(champion.version), False, note)
+    if champion is None or test_accuracy > float(champion.tags.get(ACCURACY_TAG, "-inf")):
         client.set_registered_model_alias(name, CHAMPION, version.version)
         return Registration(name, str(version.version), str(version.version), True)
     return Registration(name, str(version.version), str(champion.version), False)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
-import importlib.util
 import json
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import mlflow
@@ -15,6 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
 
+PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE = PACKAGE_ROOT.name
 DEFAULT_EXPERIMENT = "mnist-mlp"
 STAGE_TAG = "pipeline.stage"
 CACHE_KEY_TAG = "pipeline.cache_key"
@@ -57,19 +61,26 @@ def log_params_once(params: dict) -> None:
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None) -> Iterator:
     """A run for one stage: nested under the active run if there is one.
 
-    A PipelineError inside marks the run FAILED and records the message as a tag, so the UI
-    says why the run failed.
+    Any exception inside marks the run FAILED and records its message as a tag, so the UI
+    says why the run failed: the user's fixable problem (PipelineError) as it is, anything
+    else (a bug) with its type.
     """
     nested = mlflow.active_run() is not None
     with mlflow.start_run(run_name=run_name, nested=nested) as run:
-        _tag_experiment(run)
-        mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
-        log_params_once(params)
         try:
+            _tag_experiment(run)
+            mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
+            log_params_once(params)
             yield run
-        except PipelineError as err:
-            mlflow.set_tag(ERROR_TAG, str(err)[:5000])
+        except Exception as err:
+            mlflow.set_tag(ERROR_TAG, error_message(err)[:5000])
             raise
+
+
+def error_message(err: BaseException) -> str:
+    if isinstance(err, PipelineError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"
 
 
 def _tag_experiment(run) -> None:
@@ -80,20 +91,68 @@ def _tag_experiment(run) -> None:
             client.set_experiment_tag(run.info.experiment_id, key, value)
 
 
-def code_version(modules: tuple[str, ...]) -> str:
-    """Digest of the source of the modules a stage's output depends on."""
+@functools.cache
+def _pipeline_imports(module: str) -> frozenset[str]:
+    """`module` and every pipeline module it imports, directly or through others, read from
+    the source (nothing is imported, so keys cost no torch start-up)."""
+    found = {module}
+    pending = [module]
+    while pending:
+        name = pending.pop()
+        tree = ast.parse(Path(_source_path(name)).read_bytes())
+        for node in ast.walk(tree):
+            for imported in _imported_modules(node, name):
+                # A package's __init__ runs before any module inside it.
+                parts = imported.split(".")
+                for depth in range(1, len(parts) + 1):
+                    candidate = ".".join(parts[:depth])
+                    if candidate.split(".")[0] == PACKAGE and candidate not in found:
+                        found.add(candidate)
+                        pending.append(candidate)
+    return frozenset(found)
+
+
+def _imported_modules(node: ast.AST, importer: str) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:
+        package = importer.rsplit(".", node.level)[0]
+        base = f"{package}.{base}" if base else package
+    # `from pipeline import plots` names a module; `from pipeline.data import SPLITS` does not.
+    submodules = [f"{base}.{alias.name}" for alias in node.names
+                  if _source_path(f"{base}.{alias.name}") is not None]
+    return [base, *submodules]
+
+
+@functools.cache
+def _source_path(module: str) -> str | None:
+    if module.split(".")[0] != PACKAGE:
+        return None
+    relative = Path(*module.split("."))
+    for candidate in (relative.with_suffix(".py"), relative / "__init__.py"):
+        if (PACKAGE_ROOT.parent / candidate).is_file():
+            return str(PACKAGE_ROOT.parent / candidate)
+    return None
+
+
+def code_version(stage_module: str) -> str:
+    """Digest of the source of a stage's module and of every pipeline module it imports.
+
+    Derived, not listed by hand: a module the stage starts to use enters its key by itself.
+    """
     digest = hashlib.sha256()
-    for name in sorted(modules):
-        origin = importlib.util.find_spec(name).origin
-        with open(origin, "rb") as source:
-            digest.update(name.encode() + b"\0" + source.read())
+    for name in sorted(_pipeline_imports(stage_module)):
+        digest.update(name.encode() + b"\0" + Path(_source_path(name)).read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 
-def cache_key(stage: str, identity: dict, modules: tuple[str, ...]) -> str:
+def cache_key(stage: str, identity: dict, stage_module: str) -> str:
     """What makes two runs of a stage interchangeable: stage, inputs, upstream runs, code."""
     payload = json.dumps(
-        {"stage": stage, "identity": identity, "code": code_version(modules)},
+        {"stage": stage, "identity": identity, "code": code_version(stage_module)},
         sort_keys=True,
         default=str,
     )

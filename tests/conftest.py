@@ -92,6 +92,8 @@ def tracking_store(tmp_path_factory) -> TrackingStore:
             mp.delenv(var, raising=False)
         mp.setenv("MLFLOW_TRACKING_URI", store.uri)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        # The raw-file digest memo, kept out of the user's ~/.cache.
+        mp.setenv("PIPELINE_CACHE_DIR", str(root / "cache"))
         mlflow.set_tracking_uri(store.uri)
         yield store
         _end_active_runs()

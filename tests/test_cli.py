@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
 
-from pipeline.cli import build_parser, entry_points, main, parse_bool, stage_params
+from pipeline.cli import build_parser, main, parse_bool, stage_params
 from pipeline.config import read_yaml
 from pipeline.errors import PipelineError
 
@@ -30,10 +30,6 @@ def run_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.Completed
         [sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
         capture_output=True, text=True, timeout=timeout,
     )
-
-
-def test_mlproject_declares_the_two_foundation_stages():
-    assert {"sample_data", "train"} <= set(STAGES)
 
 
 def test_cli_parameters_are_mlprojects_for_every_stage():
@@ -139,5 +135,18 @@ def test_unknown_option_is_an_argparse_error():
     assert info.value.code == 2
 
 
-def test_entry_points_come_from_mlproject():
-    assert entry_points() == MLPROJECT["entry_points"]
+
+def test_a_malformed_config_exits_2_with_one_line_and_a_failed_run(tracking_store, tmp_path, capsys):
+    experiment = create_experiment(tracking_store, "cli-bad-units")
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: bad\nmodel: {type: mlp, hidden: [{units: -5}]}\n")
+    code = main(["train", "--config", str(config), "--experiment", experiment.name,
+                 "--device", "cpu", "--data_run_id", "unused"])
+    assert code == 2
+    message = f"{config}: model.hidden[0].units must be a positive whole number, got -5"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+    [run] = runs_in(experiment)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["pipeline.error"] == message

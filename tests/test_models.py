@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
 import torch
+import yaml
 from conftest import REPO_ROOT
 from torch import nn
 
@@ -199,4 +201,41 @@ def test_vgg_config_without_conv_is_rejected():
 )
 def test_misspelt_model_keys_are_rejected(spec):
     with pytest.raises(PipelineError):
+        build_model(spec)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"type": "mlp", "hidden": [{"units": -5}]},
+         "model.hidden[0].units must be a positive whole number, got -5"),
+        ({"type": "mlp", "hidden": [{"units": 0}]},
+         "model.hidden[0].units must be a positive whole number, got 0"),
+        ({"type": "mlp", "hidden": [{"units": 12.5}]},
+         "model.hidden[0].units must be a positive whole number, got 12.5"),
+        ({"type": "mlp", "hidden": [{"units": "512"}]},
+         "model.hidden[0].units must be a positive whole number, got '512'"),
+        ({"type": "mlp", "hidden": [{"units": True}]},
+         "model.hidden[0].units must be a positive whole number, got True"),
+        ({"type": "mlp", "hidden": 5}, "model.hidden must be a YAML list"),
+        ({"type": "mlp", "hidden": [512]}, "model.hidden[0] must be a mapping"),
+        ({"type": "mlp", "hidden": [{"units": 8, "batch_norm": "yes"}]},
+         "model.hidden[0].batch_norm must be true or false, got 'yes'"),
+        ({"type": "vgg", "conv": 64}, "model.conv must be a YAML list"),
+        ({"type": "vgg", "conv": ["M"]}, "model.conv must hold at least one convolution width"),
+        ({"type": "vgg", "conv": [8, -1]}, "model.conv[1] (a width or M) must be a positive whole"),
+        ({"type": "vgg", "input_size": 4, "conv": [8, "M", "M", "M"]},
+         "model.conv[3]: too many max-pools (M) for input_size 4"),
+        ({"type": "vgg", "conv": [8], "classifier": [0]}, "model.classifier[0] must be a positive"),
+        ({"type": "vgg", "conv": [8], "dropout": 1.5}, "model.dropout must be a number in [0, 1)"),
+    ],
+)
+def test_malformed_model_values_get_one_line_naming_the_key(tmp_path, spec, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "model": spec}))
+    with pytest.raises(PipelineError) as info:
+        load_model_config(str(path))
+    assert str(info.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(info.value)
+    with pytest.raises(PipelineError, match=re.escape(message)):
         build_model(spec)

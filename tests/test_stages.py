@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from mlflow import MlflowClient
 
 from pipeline.cli import stage_params
 from pipeline.config import load_model_config
+from pipeline import machine
 from pipeline.data import draw_sample, load_sample
 from pipeline.errors import PipelineError
 from pipeline.models import build_model
@@ -163,6 +165,9 @@ def test_train_run_is_finished_with_its_parameters_and_tags(trained: TrainedRun)
         "momentum": "0.9", "seed": "0", "normalize": "false", "precision": "fp32",
         "model_config": "mlp3", "sample_run_id": trained.sample.run_id,
         "data_run_id": trained.sample.run_id, "torch_device": "cpu",
+        # What changes the bits, so a figure can be reproduced "on this machine".
+        "torch_version": torch.__version__, "torch_threads": str(torch.get_num_threads()),
+        "cpu": f"{platform.machine()} {machine.cpu_model()}",
     }
     assert {k: run.data.params.get(k) for k in expected} == expected
     experiment = MlflowClient().get_experiment(trained.experiment.id)
@@ -425,3 +430,14 @@ def test_train_stops_when_the_loss_becomes_nan(experiment, sample_run):
     frame = pd.read_csv(download(run.info.run_id, "history.csv"))
     assert frame["epoch"].tolist() == [1]
     assert "final_test_accuracy" not in run.data.metrics
+
+
+def test_an_unexpected_error_fails_the_run_and_names_itself(experiment, sample_run, monkeypatch):
+    """Not only the user's fixable problems: a bug, too, leaves the run FAILED with its message."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(train, "build_model", broken)
+    with pytest.raises(RuntimeError):
+        train.run(stage_params("train", train_overrides(sample_run)))
+    assert_failed(only_run(experiment, "train"), "RuntimeError: simulated bug")

@@ -40,6 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from pipeline.cli import stage_params
+from pipeline import registry
 from pipeline.errors import PipelineError
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
@@ -585,6 +586,31 @@ def test_a_more_accurate_run_takes_the_alias(experiment, shared: Shared, weak_ru
     assert loaded.metadata.run_id == shared.best
 
 
+def test_the_champion_is_only_challenged_on_the_same_test_sample(experiment, shared: Shared,
+                                                                 weak_run: str):
+    """An accuracy on a smaller or other test sample is not comparable: the alias stays."""
+    name = unique_model_name("sample")
+    uri = mlflow.get_run(weak_run).data.tags[train.MODEL_URI_TAG]
+    best_uri = mlflow.get_run(shared.best).data.tags[train.MODEL_URI_TAG]
+    first = registry.register_best(name, weak_run, uri, "mlp3", 0.50, "sample-a")
+    assert first.alias_moved
+
+    other = registry.register_best(name, shared.best, best_uri, "mlp4", 0.99, "sample-b")
+    assert not other.alias_moved
+    assert str(champion(name).version) == first.version
+    assert "another test sample" in other.note and "sample-a" in other.note
+    assert versions_of(name)[other.version].tags["test_sample_digest"] == "sample-b"
+
+
+def test_compare_records_the_test_sample_of_the_champion(experiment, shared: Shared):
+    name = unique_model_name("digest")
+    run_compare(run_ids=shared.best, registered_model_name=name)
+    trained = mlflow.get_run(shared.best)
+    [testing] = [i.dataset.digest for i in trained.inputs.dataset_inputs
+                 if {t.key: t.value for t in i.tags}["mlflow.data.context"] == "testing"]
+    assert champion(name).tags["test_sample_digest"] == testing
+
+
 # ---------------------------------------------------------------------------------------------
 # main: the whole study, nested runs, caching
 # ---------------------------------------------------------------------------------------------
@@ -689,7 +715,8 @@ def test_main_children_carry_the_params_of_their_stage(study: Study):
     children = study.children()
     for run in children["train"]:
         assert set(run.data.params) == set(stage_params("train")) | {
-            "model_config", "sample_run_id", "torch_device"}
+            "model_config", "sample_run_id", "torch_device", "torch_version", "torch_threads",
+            "cpu"}
         assert run.data.params["lr"] == "0.0003"
         assert run.data.params["samples_per_class"] == str(SAMPLES_PER_CLASS)
         assert run.data.tags["pipeline.model"] == run.data.params["model_config"]
@@ -761,6 +788,24 @@ def test_main_with_another_registered_model_name_reruns_only_compare(study: Stud
     assert not table.loc["compare", "reused"]
     trains = mlflow.get_run(parent_id).data.tags[TRAIN_RUNS_TAG].split(",")
     assert champion(other).run_id in trains
+
+
+def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
+    """The registry is not in compare's cache key; a reused compare puts back what is gone."""
+    study.activate()
+    client = MlflowClient()
+    client.delete_registered_model_alias(study.model_name, "champion")
+    parent_id = run_main(study.path, study.data)
+    table = stages_table(parent_id).set_index("stage")
+    assert table.loc["compare", "reused"]
+    best = mlflow.get_run(table.loc["compare", "run_id"]).data.tags[compare.BEST_RUN_TAG]
+    assert champion(study.model_name).run_id == best
+
+    client.delete_registered_model(study.model_name)
+    run_main(study.path, study.data)
+    assert champion(study.model_name).run_id == best
+    assert client.get_registered_model(study.model_name).tags["pipeline.project"] == \
+        "mnist-mlp-pipeline"
 
 
 def test_main_with_force_reruns_every_stage(study: Study):

@@ -14,8 +14,8 @@ from pipeline.stages import train
 from pipeline.training import METRIC_NAMES
 
 STAGE = "compare"
-CODE = ("pipeline.comparison", "pipeline.plots", "pipeline.registry", "pipeline.stages.compare")
 TRAIN_RUNS_TAG = "pipeline.train_run_ids"
+BEST_RUN_TAG = "pipeline.best_run_id"
 FIGURES = {
     "accuracy.png": ({"test_accuracy": "-", "train_accuracy": "--"}, "Accuracy", "accuracy"),
     "loss.png": ({"test_loss": "-", "train_loss": "--"}, "Loss", "loss"),
@@ -112,7 +112,7 @@ def length_notes(runs: pd.DataFrame) -> list[str]:
 def cache_key(params: dict, train_run_ids: list[str]) -> str:
     identity = {"runs": sorted(train_run_ids), "name": params["registered_model_name"],
                 "register": params["register"]}
-    return tracking.cache_key(STAGE, identity, CODE)
+    return tracking.cache_key(STAGE, identity, __name__)
 
 
 def run(params: dict) -> str:
@@ -142,18 +142,52 @@ def run(params: dict) -> str:
                                 f"{config}.epochs_to_converge": row.epochs_to_converge})
         if params["register"]:
             best = runs.loc[runs["final_test_accuracy"].idxmax()]
-            model_uri = mlflow.get_run(best.run_id).data.tags.get(train.MODEL_URI_TAG)
-            if not model_uri:
-                raise PipelineError(f"train run {best.run_id} logged no model (log_model=false); "
-                                    f"pass register=false or retrain with log_model=true")
-            result = registry.register_best(params["registered_model_name"], best.run_id,
-                                            model_uri, best.config, float(best.final_test_accuracy))
+            mlflow.set_tag(BEST_RUN_TAG, best.run_id)
+            result = register(params["registered_model_name"], best.run_id)
             mlflow.set_tags({"pipeline.registered_version": result.version,
                              "pipeline.champion_version": result.champion_version})
-            print(f"registered {best.config} ({best.run_id}) as {result.name} version "
-                  f"{result.version}; champion is version {result.champion_version}"
-                  f"{' (alias moved)' if result.alias_moved else ''}")
         return run.info.run_id
+
+
+def register(registered_model_name: str, train_run_id: str) -> registry.Registration:
+    """Register a train run's model and let it compete for the alias."""
+    trained = mlflow.get_run(train_run_id)
+    model_uri = trained.data.tags.get(train.MODEL_URI_TAG)
+    if not model_uri:
+        raise PipelineError(f"train run {train_run_id} logged no model (log_model=false); "
+                            f"pass register=false or retrain with log_model=true")
+    config = trained.data.params.get("model_config", "")
+    result = registry.register_best(
+        registered_model_name, train_run_id, model_uri, config,
+        float(trained.data.metrics["final_test_accuracy"]), test_sample_digest(trained),
+    )
+    print(f"registered {config} ({train_run_id}) as {result.name} version {result.version}; "
+          f"champion is version {result.champion_version}"
+          f"{' (alias moved)' if result.alias_moved else ''}")
+    if result.note:
+        print(f"note: {result.note}")
+    return result
+
+
+def test_sample_digest(run) -> str:
+    """The digest of the test split a train run was scored on (its `testing` dataset input)."""
+    for item in run.inputs.dataset_inputs:
+        if {t.key: t.value for t in item.tags}.get("mlflow.data.context") == "testing":
+            return item.dataset.digest
+    raise PipelineError(f"train run {run.info.run_id} records no test dataset input, so its "
+                        f"accuracy cannot be compared with the champion's; retrain it")
+
+
+def restore_registration(compare_run) -> None:
+    """For a reused compare run: put back a deleted version or a moved alias.
+
+    The registry is not part of compare's cache key (it changes outside any run), so a reused
+    compare re-checks it.
+    """
+    params = compare_run.data.params
+    best = compare_run.data.tags.get(BEST_RUN_TAG)
+    if params.get("register", "true") == "true" and best:
+        register(params["registered_model_name"], best)
 
 
 def _log_tables(runs: pd.DataFrame, configs: pd.DataFrame, pairs: pd.DataFrame, text: str) -> None:

@@ -14,7 +14,6 @@ from pipeline.evaluation import evaluate_logits
 from pipeline.stages import sample_data
 
 STAGE = "evaluate"
-CODE = ("pipeline.evaluation", "pipeline.stages.evaluate")
 SOURCE_RUN_TAG = "pipeline.source_run_id"
 MISCLASSIFIED_SHOWN = 40
 
@@ -52,7 +51,7 @@ def run_name(source_run: str | None) -> str:
 
 def cache_key(params: dict, source_run: str | None, data_run_id: str) -> str:
     identity = {"model_uri": params["model_uri"], "source_run": source_run, "data": data_run_id}
-    return tracking.cache_key(STAGE, identity, CODE)
+    return tracking.cache_key(STAGE, identity, __name__)
 
 
 def run(params: dict) -> str:

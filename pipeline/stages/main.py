@@ -12,6 +12,7 @@ from typing import Callable
 
 import mlflow
 import pandas as pd
+from mlflow.entities import Run
 
 from pipeline import tracking
 from pipeline.cli import stage_params
@@ -28,11 +29,13 @@ class Ledger:
         self.force = force
         self.rows: list[dict] = []
 
-    def step(self, stage: str, label: str, key: str, execute: Callable[[], str]) -> str:
+    def step(self, stage: str, label: str, key: str, execute: Callable[[], str],
+             on_reuse: Callable[[Run], None] = lambda run: None) -> str:
         started = time.perf_counter()
         cached = None if self.force else tracking.find_cached_run(key)
         if cached:
             print(f"[main] {label}: reusing finished run {cached.info.run_id}")
+            on_reuse(cached)
             run_id, reused = cached.info.run_id, True
         else:
             print(f"[main] {label}: running")
@@ -90,7 +93,7 @@ def run(params: dict) -> str:
             "registered_model_name": study.registered_model_name,
         })
         ledger.step("compare", "compare", compare.cache_key(comparing, train_runs),
-                    lambda: compare.run(comparing))
+                    lambda: compare.run(comparing), on_reuse=compare.restore_registration)
 
         table = ledger.frame()
         mlflow.log_text(table.to_csv(index=False), "stages.csv")

@@ -17,9 +17,9 @@ from mlflow.exceptions import MlflowException
 from pipeline import plots, tracking
 from pipeline.cli import stage_params
 from pipeline.data import SPLITS, Sample, draw_sample, load_sample, save_sample
+from pipeline.file_digests import file_digest
 
 STAGE = "sample_data"
-CODE = ("pipeline.data", "pipeline.stages.sample_data")
 SAMPLE_ARTIFACT = "sample/sample.npz"
 RAW_FILES = (
     "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -40,13 +40,9 @@ def describe(params: dict) -> str:
 def identity(params: dict) -> dict:
     """What the sample depends on: the sampling rule and the exact raw files it reads."""
     raw = Path(params["data_dir"]).expanduser().resolve() / "MNIST" / "raw"
-    files = {}
-    for name in RAW_FILES:
-        stat = (raw / name).stat() if (raw / name).is_file() else None
-        files[name] = [stat.st_size, stat.st_mtime_ns] if stat else None
     return {
-        "raw": str(raw),
-        "files": files,
+        # By content: a copy of MNIST elsewhere is the same input; a changed file is not.
+        "files": {name: file_digest(raw / name) for name in RAW_FILES},
         "samples_per_class": params["samples_per_class"],
         "sampling": params["sampling"],
         "seed": params["seed"] if params["sampling"] == "random" else None,
@@ -54,7 +50,7 @@ def identity(params: dict) -> dict:
 
 
 def cache_key(params: dict) -> str:
-    return tracking.cache_key(STAGE, identity(params), CODE)
+    return tracking.cache_key(STAGE, identity(params), __name__)
 
 
 def run(params: dict) -> str:

@@ -19,12 +19,12 @@ from mlflow.models import infer_signature
 from pipeline import models, plots, tracking
 from pipeline.comparison import summarize
 from pipeline.config import load_model_config
+from pipeline.machine import numerics
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
 from pipeline.training import TrainSettings, resolve_device, train
 
 STAGE = "train"
-CODE = ("pipeline.models", "pipeline.training", "pipeline.stages.train")
 MODEL_ARTIFACT = "model"
 MODEL_URI_TAG = "pipeline.model_uri"
 # Pinned without local version suffixes (+cpu/+cu130) so pip can install them when serving.
@@ -50,7 +50,8 @@ def settings_from(params: dict) -> TrainSettings:
 
 
 def cache_key(params: dict, data_run_id: str) -> str:
-    """What a trained model depends on: the config's content, hyperparameters, data, device."""
+    """What a trained model depends on: the config's content, hyperparameters, data, and what
+    about this machine changes the bits (torch build, threads, processor)."""
     config = load_model_config(params["config"])
     settings = settings_from(params)
     identity = {
@@ -59,8 +60,9 @@ def cache_key(params: dict, data_run_id: str) -> str:
         "normalize": params["normalize"],
         "log_model": params["log_model"],
         "data_run_id": data_run_id,
+        "numerics": numerics(settings.device),
     }
-    return tracking.cache_key(STAGE, identity, CODE)
+    return tracking.cache_key(STAGE, identity, __name__)
 
 
 def run(params: dict) -> str:
@@ -75,7 +77,7 @@ def run(params: dict) -> str:
         mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
-             "torch_device": settings.device}
+             "torch_device": settings.device, **numerics(settings.device)}
         )
         sample = sample_data.fetch_sample(data_run_id)
         sample_data.log_sample_inputs(sample, data_run_id)

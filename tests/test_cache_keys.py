@@ -1,0 +1,125 @@
+"""Cache keys: derived from the code a stage imports, raw files by content, the machine's
+numerics in `train`'s key. A key that misses an input reuses a run it should not."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import REPO_ROOT, write_tiny_mnist
+
+from pipeline import file_digests, machine, tracking
+from pipeline.cli import stage_params
+from pipeline.stages import sample_data, train
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the pipeline package that the key functions read instead of the real one."""
+    root = tmp_path / "pipeline"
+    shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(tracking, "PACKAGE_ROOT", root)
+    for cached in (tracking._pipeline_imports, tracking._source_path):
+        cached.cache_clear()
+    yield root
+    for cached in (tracking._pipeline_imports, tracking._source_path):
+        cached.cache_clear()
+
+
+def test_train_key_covers_every_module_train_runs_through():
+    imported = tracking._pipeline_imports("pipeline.stages.train")
+    # The ones the hand-written list used to miss: summary metrics and config parsing.
+    assert {"pipeline.comparison", "pipeline.config", "pipeline.model_spec", "pipeline.models",
+            "pipeline.training", "pipeline.machine", "pipeline.stages"} <= imported
+    assert "pipeline.stages.compare" not in imported
+    assert "pipeline.evaluation" not in imported
+
+
+def test_editing_a_module_a_stage_imports_indirectly_changes_its_code_version(package_copy):
+    before = {stage: tracking.code_version(f"pipeline.stages.{stage}")
+              for stage in ("train", "compare", "sample_data")}
+    with open(package_copy / "comparison.py", "a") as source:
+        source.write("\n# an edit\n")
+    after = {stage: tracking.code_version(f"pipeline.stages.{stage}")
+             for stage in ("train", "compare", "sample_data")}
+    assert after["train"] != before["train"]  # train imports comparison for its summary
+    assert after["compare"] != before["compare"]
+    assert after["sample_data"] == before["sample_data"]  # does not import it
+
+
+def test_editing_a_module_no_stage_imports_changes_no_key(package_copy):
+    before = tracking.code_version("pipeline.stages.train")
+    with open(package_copy / "stages" / "compare.py", "a") as source:
+        source.write("\n# an edit\n")
+    assert tracking.code_version("pipeline.stages.train") == before
+
+
+def sample_key(root) -> str:
+    return sample_data.cache_key(stage_params("sample_data", {"data_dir": str(root)}))
+
+
+def test_raw_files_enter_the_sample_key_by_content(tmp_path):
+    data = write_tiny_mnist(tmp_path / "a")
+    key = sample_key(data.root)
+
+    copy = tmp_path / "b"
+    shutil.copytree(data.root, copy)
+    assert sample_key(copy) == key, "the same files elsewhere are the same input"
+
+    labels = data.raw / "t10k-labels-idx1-ubyte"
+    stat = labels.stat()
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert sample_key(data.root) == key, "a touched file with the same content"
+
+    content = bytearray(labels.read_bytes())
+    content[-1] = (content[-1] + 1) % 10
+    labels.write_bytes(bytes(content))
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime...
+    file_digests.memo_path().unlink()  # ...once the memo is gone
+    assert sample_key(data.root) != key
+
+
+def test_a_file_digest_is_hashed_once_while_size_and_mtime_hold(tmp_path, monkeypatch):
+    path = tmp_path / "file"
+    path.write_bytes(b"x" * 1000)
+    calls = []
+    real = file_digests.hashlib.file_digest
+    monkeypatch.setattr(file_digests.hashlib, "file_digest",
+                        lambda *args: calls.append(1) or real(*args))
+    first = file_digests.file_digest(path)
+    assert file_digests.file_digest(path) == first
+    assert len(calls) == 1
+    path.write_bytes(b"y" * 1001)
+    assert file_digests.file_digest(path) != first
+    assert len(calls) == 2
+    assert file_digests.file_digest(tmp_path / "absent") is None
+
+
+def train_key(**overrides) -> str:
+    return train.cache_key(stage_params("train", {"device": "cpu", **overrides}), "sample-run")
+
+
+def test_train_key_changes_with_what_changes_the_bits(monkeypatch):
+    key = train_key()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        assert train_key() != key, "the thread count changes the sums' order"
+    finally:
+        torch.set_num_threads(threads)
+    assert train_key() == key
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert train_key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(machine, "cpu_model", lambda: "another processor")
+    assert train_key() != key
+
+
+def test_train_key_changes_with_the_configs_content_not_its_name(tmp_path):
+    copy = tmp_path / "mlp3.yaml"
+    shutil.copy(REPO_ROOT / "experiments" / "mlp3.yaml", copy)
+    assert train_key(config=str(copy)) == train_key(config="mlp3")
+    copy.write_text(copy.read_text().replace("units: 512}", "units: 256}", 1))
+    assert train_key(config=str(copy)) != train_key(config="mlp3")
