@@ -1,6 +1,18 @@
 """Comparing finished training runs: convergence, per-config statistics, tests, conclusion.
 
 Pure pandas/scipy on per-epoch histories; nothing here talks to MLflow.
+
+Statistics, in short:
+- Differences between two configs are tested with Welch's (unequal-variance) t-test on the
+  per-seed values; the 95% confidence interval of the difference is Welch's too.
+- Every pair of configs is tested, and the p-values are Holm-adjusted over all pairs with a
+  p-value (one family for final accuracy, another for epochs_to_converge): the best config is
+  picked from the same data, so every pair is a comparison that could have made a headline.
+  A difference is called significant when its Holm-adjusted p is below 5%. The confidence
+  intervals are per comparison and not adjusted.
+- A group whose standard deviation is below STD_TOLERANCE has no spread (the rest is floating
+  point noise: accuracies are multiples of 1/N test images). If neither group has spread there
+  is no noise to test against: no test, no interval.
 """
 
 from __future__ import annotations
@@ -9,6 +21,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 
@@ -16,6 +29,10 @@ from scipy import stats
 # CONVERGENCE_TOLERANCE (0.5 percentage points) of its mean over the last CONVERGENCE_WINDOW
 # (5) epochs. A run shorter than the window uses all its epochs; a run whose last epoch is still
 # outside the band has not converged (NaN).
+# Over the seeds of a config: epochs_to_converge is the mean (and std) over the runs that
+# converged, converged_runs counts those runs, and a config is "not converged" only when none of
+# its runs converged. An unconverged run has no convergence epoch; counting it as its last epoch
+# would invent one, so it is left out of the mean and the count says how many were left out.
 CONVERGENCE_WINDOW = 5
 CONVERGENCE_TOLERANCE = 0.005
 SUMMARY_STATS = (
@@ -23,6 +40,16 @@ SUMMARY_STATS = (
     "median_epoch_time_s", "train_time_s",
 )
 SETTINGS = ("num_params", "epochs", "lr", "batch_size", "momentum")
+CONFIDENCE = 0.95  # of the confidence intervals
+SIGNIFICANCE_LEVEL = 0.05  # for the Holm-adjusted p-values
+STD_TOLERANCE = 1e-12  # a standard deviation below this is floating point noise, i.e. zero
+PAIRWISE_COLUMNS = [
+    "a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference", "ci_low", "ci_high",
+    "p_value", "p_holm", "significant",
+    "converged_a", "converged_b", "convergence_mean_a", "convergence_mean_b",
+    "convergence_difference", "convergence_ci_low", "convergence_ci_high",
+    "convergence_p_value", "convergence_p_holm", "convergence_significant",
+]
 
 
 @dataclass(frozen=True)
@@ -79,19 +106,22 @@ def run_table(records: list[RunRecord]) -> pd.DataFrame:
 
 
 def config_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per config: its settings, the number of seeds, and mean and std of each stat."""
+    """One row per config: its settings, the number of seeds and of converged seeds, and mean
+    and std of each stat (epochs_to_converge over the converged runs only; see the top)."""
     grouped = runs.groupby("config", sort=False)
     table = grouped[list(SETTINGS)].first()
     table.insert(0, "runs", grouped.size())
+    table.insert(1, "converged_runs", grouped["epochs_to_converge"].count())
     for column in SUMMARY_STATS:
-        # A config with an unconverged run has no mean epochs_to_converge.
-        table[column] = grouped[column].agg(lambda values: values.mean(skipna=False))
-        table[f"{column}_std"] = grouped[column].std()  # NaN for a single run
+        table[column] = grouped[column].mean()  # skips NaN: unconverged runs
+        std = grouped[column].std()  # NaN for fewer than 2 values
+        table[f"{column}_std"] = std.mask(std < STD_TOLERANCE, 0.0)
     return table.sort_values("final_test_accuracy", ascending=False)
 
 
 def readable_table(configs: pd.DataFrame) -> pd.DataFrame:
-    """The config table for people: `mean +- std` in one cell where a config has several runs."""
+    """The config table for people: `mean ± std` in one cell where a config has several runs,
+    and how many runs converged where some did not."""
     table = configs[["runs", *SETTINGS]].copy()
     for column in SUMMARY_STATS:
         digits = 4 if "accuracy" in column else 2
@@ -100,95 +130,209 @@ def readable_table(configs: pd.DataFrame) -> pd.DataFrame:
             else f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
             for mean, std in zip(configs[column], configs[f"{column}_std"])
         ]
+    partly = (configs["converged_runs"] > 0) & (configs["converged_runs"] < configs["runs"])
+    table.loc[partly, "epochs_to_converge"] += [
+        f" ({k}/{n} converged)" for k, n in zip(configs.loc[partly, "converged_runs"],
+                                                configs.loc[partly, "runs"])
+    ]
     return table
 
 
+def _variance(values: np.ndarray) -> float:
+    """Sample variance (ddof=1), zero where the std is below STD_TOLERANCE."""
+    variance = float(np.var(values, ddof=1))
+    return 0.0 if math.sqrt(variance) < STD_TOLERANCE else variance
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else math.nan
+
+
+def welch_test(a, b) -> dict:
+    """Welch's unequal-variance t-test of mean(b) - mean(a): the difference, its CONFIDENCE
+    interval and the two-sided p-value. NaN interval and p where it cannot be computed: a group
+    with fewer than 2 values, or no spread in either group (no noise to test against).
+
+    Computed from the formulas rather than with scipy.stats.ttest_ind, which warns about
+    precision loss as soon as one group is constant and, when both are, turns floating point
+    noise into a p-value (2.5e-30 for [0.90] * 3 vs [0.95] * 3)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    difference = _mean(b) - _mean(a)  # NaN where a group is empty (no run converged)
+    result = {"difference": difference, "ci_low": math.nan, "ci_high": math.nan,
+              "p_value": math.nan}
+    if len(a) < 2 or len(b) < 2:
+        return result
+    square_se_a, square_se_b = _variance(a) / len(a), _variance(b) / len(b)
+    if square_se_a == 0 and square_se_b == 0:
+        return result
+    standard_error = math.sqrt(square_se_a + square_se_b)
+    # Welch–Satterthwaite degrees of freedom
+    df = (square_se_a + square_se_b) ** 2 / (
+        square_se_a ** 2 / (len(a) - 1) + square_se_b ** 2 / (len(b) - 1))
+    half_width = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * standard_error
+    result.update(ci_low=difference - half_width, ci_high=difference + half_width,
+                  p_value=float(2 * stats.t.sf(abs(difference) / standard_error, df)))
+    return result
+
+
+def holm_adjust(p_values) -> list[float]:
+    """Holm's step-down adjustment over the finite p-values (NaN stays NaN and is not counted
+    in the family): sort, multiply the i-th smallest (0-based) by m - i, keep the running
+    maximum so the order is kept, cap at 1."""
+    finite = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running_max = 0.0
+    for rank, (p, i) in enumerate(finite):
+        running_max = max(running_max, min(1.0, (len(finite) - rank) * p))
+        adjusted[i] = running_max
+    return adjusted
+
+
 def pairwise_tests(runs: pd.DataFrame) -> pd.DataFrame:
-    """For each pair of configs: the difference in mean final test accuracy (b - a), its 95%
-    confidence interval and Welch's t-test p-value; NaN where a config has a single run."""
-    groups = {c: g["final_test_accuracy"].to_numpy() for c, g in runs.groupby("config", sort=False)}
+    """For each pair of configs (a, b): Welch's t-test of b - a on final test accuracy and, over
+    the runs that converged, on epochs_to_converge, each with its raw p-value, its
+    Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%)."""
+    accuracy, convergence = {}, {}
+    for config, group in runs.groupby("config", sort=False):
+        accuracy[config] = group["final_test_accuracy"].to_numpy(dtype=float)
+        convergence[config] = group["epochs_to_converge"].dropna().to_numpy(dtype=float)
     rows = []
-    for a, b in itertools.combinations(groups, 2):
-        xa, xb = groups[a], groups[b]
-        row = {"a": a, "b": b, "n_a": len(xa), "n_b": len(xb),
-               "difference": float(xb.mean() - xa.mean()),
-               "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
-        if len(xa) > 1 and len(xb) > 1 and (xa.std() > 0 or xb.std() > 0):
-            test = stats.ttest_ind(xb, xa, equal_var=False)
-            interval = test.confidence_interval(0.95)
-            row.update(ci_low=float(interval.low), ci_high=float(interval.high),
-                       p_value=float(test.pvalue))
-        rows.append(row)
-    return pd.DataFrame(rows, columns=["a", "b", "n_a", "n_b", "difference", "ci_low",
-                                       "ci_high", "p_value"])
-
-
-def _epoch(value: float) -> str:
-    return "not converged" if math.isnan(value) else f"epoch {value:g}"
+    for a, b in itertools.combinations(accuracy, 2):
+        converged = welch_test(convergence[a], convergence[b])
+        rows.append({
+            "a": a, "b": b, "n_a": len(accuracy[a]), "n_b": len(accuracy[b]),
+            "mean_a": float(accuracy[a].mean()), "mean_b": float(accuracy[b].mean()),
+            **welch_test(accuracy[a], accuracy[b]),
+            "converged_a": len(convergence[a]), "converged_b": len(convergence[b]),
+            "convergence_mean_a": _mean(convergence[a]), "convergence_mean_b": _mean(convergence[b]),
+            **{f"convergence_{key}": value for key, value in converged.items()},
+        })
+    pairs = pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
+    for prefix in ("", "convergence_"):
+        pairs[f"{prefix}p_holm"] = holm_adjust(pairs[f"{prefix}p_value"].tolist())
+        pairs[f"{prefix}significant"] = pairs[f"{prefix}p_holm"] < SIGNIFICANCE_LEVEL  # NaN: False
+    return pairs
 
 
 def _pp(fraction: float) -> str:
     return f"{fraction * 100:+.2f} pp"
 
 
+def _runs(count: int, config: str) -> str:
+    return f"{count} run{'s' if count != 1 else ''} of {config}"
+
+
+def _p(value: float) -> str:
+    return f"{value:.3g}"
+
+
 def conclusion(configs: pd.DataFrame, pairs: pd.DataFrame, warnings: list[str] = ()) -> str:
-    """Plain words computed from the tables: who is more accurate, by how much, who converges
-    sooner, and whether the difference is statistically supported."""
+    """Plain words computed from the tables: the most accurate config against each other one,
+    naming a winner only where the Holm-adjusted test supports it, then convergence likewise."""
     lines = []
     ranked = configs.sort_values("final_test_accuracy", ascending=False)
     best = ranked.index[0]
     if len(ranked) == 1:
         row = ranked.iloc[0]
+        converged = (f" ({row.converged_runs} of {row.runs} runs converged)"
+                     if row.runs > 1 else "")
         lines.append(f"Only {best} was compared: final test accuracy "
-                     f"{row.final_test_accuracy:.2%}, converged: {_epoch(row.epochs_to_converge)}.")
+                     f"{row.final_test_accuracy:.2%} ({_runs(row.runs, best)}). Convergence: "
+                     f"{_convergence_of(best, row)}{converged}.")
     for other in ranked.index[1:]:
-        b, o = ranked.loc[best], ranked.loc[other]
-        gap = b.final_test_accuracy - o.final_test_accuracy
-        lines.append(
-            f"{best} is more accurate than {other}: final test accuracy "
-            f"{b.final_test_accuracy:.2%} vs {o.final_test_accuracy:.2%} ({_pp(gap)}); best "
-            f"{b.best_test_accuracy:.2%} vs {o.best_test_accuracy:.2%}."
-            if gap > 0 else
-            f"{best} and {other} tie on final test accuracy ({b.final_test_accuracy:.2%})."
-        )
-        lines.append(_convergence(best, b.epochs_to_converge, other, o.epochs_to_converge))
-        lines.append(_significance(pairs, best, other))
-    lines.append(
-        f"(Converged = test accuracy stays within {CONVERGENCE_TOLERANCE * 100:.1f} pp of its "
-        f"mean over the last {CONVERGENCE_WINDOW} epochs; values are means over "
-        f"{', '.join(f'{n} run(s) of {c}' for c, n in ranked['runs'].items())}.)"
-    )
+        pair = _oriented(pairs, best, other)
+        lines.append(_accuracy_sentence(best, other, ranked.loc[best], ranked.loc[other], pair))
+        lines.append(_convergence_sentence(best, other, ranked.loc[best], ranked.loc[other], pair))
+    lines.append("Highest test accuracy at any epoch (picked on the test set, so optimistic): "
+                 + ", ".join(f"{c} {row.best_test_accuracy:.2%}" for c, row in ranked.iterrows())
+                 + ".")
+    footnote = (f"(Converged = test accuracy stays within {CONVERGENCE_TOLERANCE * 100:.1f} pp of "
+                f"its mean over the last {CONVERGENCE_WINDOW} epochs; a config's convergence "
+                f"epoch is the mean over its runs that converged. Accuracies are means over "
+                f"{', '.join(_runs(n, c) for c, n in ranked['runs'].items())}.")
+    if len(ranked) == 2:
+        footnote += (f" With one pair of configs the Holm-adjusted p-value equals Welch's; the "
+                     f"{CONFIDENCE:.0%} confidence interval is Welch's.")
+    elif len(ranked) > 2:
+        # The best config is picked from the same data, so every pair could have made a headline.
+        footnote += (f" p-values are Holm-adjusted over all {len(pairs)} pairs of configs (for "
+                     f"accuracy and for convergence separately); the {CONFIDENCE:.0%} confidence "
+                     f"intervals are per pair, not adjusted.")
+    lines.append(footnote + ")")
     lines += [f"Note: {w}" for w in warnings]
     return "\n".join(lines)
 
 
-def _convergence(a: str, epoch_a: float, b: str, epoch_b: float) -> str:
-    if math.isnan(epoch_a) and math.isnan(epoch_b):
-        return f"Neither {a} nor {b} has converged by its last epoch: train longer."
-    if epoch_a == epoch_b:
-        return f"Both converge at {_epoch(epoch_a)}."
-    if math.isnan(epoch_b) or (not math.isnan(epoch_a) and epoch_a < epoch_b):
-        sooner, later, first, second = a, b, epoch_a, epoch_b
-    else:
-        sooner, later, first, second = b, a, epoch_b, epoch_a
-    return f"{sooner} converges sooner: {_epoch(first)} vs {_epoch(second)} for {later}."
-
-
-def _significance(pairs: pd.DataFrame, best: str, other: str) -> str:
+def _oriented(pairs: pd.DataFrame, best: str, other: str) -> pd.Series:
+    """The pair's row with every difference and interval as best - other."""
     match = pairs[((pairs.a == best) & (pairs.b == other)) | ((pairs.a == other) & (pairs.b == best))]
-    if match.empty:
-        return ""
-    row = match.iloc[0]
-    sign = 1 if row.b == best else -1  # report as best - other
-    if math.isnan(row.p_value):
-        if min(row.n_a, row.n_b) < 2:
-            return ("A single run of a config shows one draw of training noise: no significance "
-                    "can be claimed. Add seeds to the study to test the difference.")
-        return "Every run of both configs has the same final accuracy: nothing to test."
-    low, high = sorted((sign * row.ci_low, sign * row.ci_high))
-    verdict = "significant" if row.p_value < 0.05 else "not significant"
-    return (
-        f"Difference {best} - {other}: {_pp(sign * row.difference)} (95% CI {_pp(low)} to "
-        f"{_pp(high)}, Welch's t-test p = {row.p_value:.3g}, {row.n_a:.0f} vs {row.n_b:.0f} runs): "
-        f"{verdict} at the 5% level."
-    )
+    row = match.iloc[0].copy()
+    if row.a == best:  # stored as other - best: flip
+        for prefix in ("", "convergence_"):
+            row[f"{prefix}difference"] = -row[f"{prefix}difference"]
+            row[f"{prefix}ci_low"], row[f"{prefix}ci_high"] = (-row[f"{prefix}ci_high"],
+                                                               -row[f"{prefix}ci_low"])
+        for left, right in (("n_a", "n_b"), ("mean_a", "mean_b"), ("converged_a", "converged_b"),
+                            ("convergence_mean_a", "convergence_mean_b")):
+            row[left], row[right] = row[right], row[left]
+    return row  # now a = other, b = best
+
+
+def _accuracy_sentence(best: str, other: str, b: pd.Series, o: pd.Series, pair: pd.Series) -> str:
+    values = f"{b.final_test_accuracy:.2%} vs {o.final_test_accuracy:.2%}"
+    counts = f"{_runs(b.runs, best)} vs {_runs(o.runs, other)}"
+    gap = _pp(pair.difference)
+    if min(b.runs, o.runs) < 2:
+        return (f"No winner between {best} and {other} on final test accuracy: {values} ({gap}, "
+                f"{counts}). A single run shows one draw of training noise, so no significance "
+                f"can be claimed: add seeds to the study to test the difference.")
+    if math.isnan(pair.p_value):
+        return (f"No winner between {best} and {other} on final test accuracy: {values} ({gap}, "
+                f"{counts}). Every seed gave the same final accuracy for each config, so the gap "
+                f"({gap}) is exact for this sample and these seeds, but seed noise cannot be "
+                f"estimated and no significance is claimed: try more seeds or another sample.")
+    evidence = (f"{gap}, {CONFIDENCE:.0%} CI {_pp(pair.ci_low)} to {_pp(pair.ci_high)}, "
+                f"Welch's t-test p = {_p(pair.p_value)}, Holm-adjusted p = {_p(pair.p_holm)}, "
+                f"{counts}")
+    if pair.significant:
+        return f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
+    return (f"The data cannot tell {best} and {other} apart on final test accuracy: {values} "
+            f"({evidence}).")
+
+
+def _convergence_of(config: str, row: pd.Series) -> str:
+    """`mlp3 at epoch 6.4 ± 1.1`, `mlp3 at epoch 7` or `mlp3 did not converge`."""
+    if row.converged_runs == 0:
+        return f"{config} did not converge"
+    if row.converged_runs == 1:
+        return f"{config} at epoch {row.epochs_to_converge:g}"
+    return f"{config} at epoch {row.epochs_to_converge:.1f} ± {row.epochs_to_converge_std:.1f}"
+
+
+def _convergence_sentence(best: str, other: str, b: pd.Series, o: pd.Series,
+                          pair: pd.Series) -> str:
+    if b.converged_runs == 0 and o.converged_runs == 0:
+        return (f"Convergence: neither {best} nor {other} converged by its last epoch in any "
+                f"run: train longer.")
+    both = f"{_convergence_of(best, b)}, {_convergence_of(other, o)}"
+    if min(b.runs, o.runs) < 2:
+        return (f"Convergence: {both} ({_runs(b.runs, best)} vs {_runs(o.runs, other)}): a "
+                f"single run cannot tell which converges sooner.")
+    counts = (f"(mean ± std over converged runs, {b.converged_runs} of {b.runs} and "
+              f"{o.converged_runs} of {o.runs} converged)")
+    if min(b.converged_runs, o.converged_runs) < 2:
+        return f"Convergence: {both} {counts}: too few converged runs to test the difference."
+    if math.isnan(pair.convergence_p_value):
+        return (f"Convergence: {both} {counts}: every converged run of each config converged "
+                f"at the same epoch, so seed noise cannot be estimated and no difference is "
+                f"claimed.")
+    evidence = (f"Welch's t-test p = {_p(pair.convergence_p_value)}, Holm-adjusted p = "
+                f"{_p(pair.convergence_p_holm)}")
+    if not pair.convergence_significant:
+        return f"Convergence: {both} {counts}: the difference is within seed noise ({evidence})."
+    # difference = best - other in epochs; negative: best converges sooner
+    sooner, later, sign = (best, other, -1) if pair.convergence_difference < 0 else (other, best, 1)
+    low, high = sorted((sign * pair.convergence_ci_low, sign * pair.convergence_ci_high))
+    return (f"Convergence: {sooner} converges sooner than {later}: {both} {counts}; "
+            f"{sign * pair.convergence_difference:.1f} epochs sooner, {CONFIDENCE:.0%} CI "
+            f"{low:.1f} to {high:.1f} epochs, {evidence}.")

@@ -386,12 +386,21 @@ def test_compare_conclusion_is_the_run_description_and_follows_the_numbers(compa
              "mlp4": final_accuracy(runs["mlp4-seed0"])}
     best, other = sorted(means, key=means.get, reverse=True)
     assert means[best] > means[other], "precondition: the two configs differ in accuracy"
-    first_line = text.splitlines()[0]
-    assert first_line.startswith(f"{best} is more accurate than {other}")
-    assert f"{(means[best] - means[other]) * 100:+.2f} pp" in first_line
-    assert "converge" in text
-    # mlp4 has a single run: no significance can be claimed.
-    assert "no significance can be claimed" in text
+    # mlp4 has a single run: no winner is named and no significance claimed.
+    counts = {"mlp3": "2 runs of mlp3", "mlp4": "1 run of mlp4"}
+    first_line, convergence_line = text.splitlines()[:2]
+    assert first_line.startswith(f"No winner between {best} and {other} on final test accuracy: "
+                                 f"{means[best]:.2%} vs {means[other]:.2%} "
+                                 f"({(means[best] - means[other]) * 100:+.2f} pp, "
+                                 f"{counts[best]} vs {counts[other]}).")
+    assert "no significance can be claimed" in first_line
+    table = read_csv(compared.run_id, "comparison.csv", index_col="config")
+    if (table["converged_runs"] == 0).all():
+        assert convergence_line == (f"Convergence: neither {best} nor {other} converged by its "
+                                    f"last epoch in any run: train longer.")
+    else:
+        assert convergence_line.startswith("Convergence: ")
+        assert convergence_line.endswith(": a single run cannot tell which converges sooner.")
 
 
 def test_compare_registers_the_most_accurate_run_as_champion(compared: Compared):
@@ -901,9 +910,14 @@ def test_main_with_two_seeds_per_config_reports_statistics(experiment, noisy_mni
     row = pairs.iloc[0]
     assert 0 <= row.p_value <= 1
     assert row.ci_low <= row.difference <= row.ci_high
+    assert row.p_holm == pytest.approx(row.p_value)  # one pair: Holm changes nothing
+    assert row.significant == (row.p_holm < 0.05)
     text = comparison.data.tags["mlflow.note.content"]
     assert "95% CI" in text and "Welch's t-test p =" in text
-    assert ("not significant" in text) == (row.p_value >= 0.05)
+    best, other = table.sort_values("final_test_accuracy", ascending=False).index
+    assert text.splitlines()[0].startswith(
+        f"{best} is more accurate than {other}: " if row.significant
+        else f"The data cannot tell {best} and {other} apart on final test accuracy: ")
     assert "±" in read_text(comparison.info.run_id, "comparison.md")
 
 
