@@ -6,6 +6,7 @@ import argparse
 import functools
 import sys
 
+from pipeline import interrupts
 from pipeline.config import PROJECT_ROOT, read_yaml
 from pipeline.errors import PipelineError
 
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import tracking
     from pipeline.stages import STAGES
 
+    interrupts.install()
     try:
         params = stage_params(stage, args)
         tracking.use_experiment(experiment)
@@ -89,5 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as stop:
+        print(interrupted_message(stage, stop), file=sys.stderr, flush=True)
+        return stop.exit_code
     print(f"{stage} finished: run {run_id}")
     return 0
+
+
+def interrupted_message(stage: str, stop: interrupts.Interrupted) -> str:
+    """One line: what was stopped, and the command that picks the work up again."""
+    ended = f"{stop.stage} run {stop.run_id} ended KILLED" if stop.run_id else "no run started"
+    if stage == "main":
+        how = ("run the same command again: finished stages are reused and an interrupted "
+               "training resumes from its last checkpoint")
+    elif stop.stage == "train" and stop.run_id:
+        how = (f"resume it with the same parameters plus --resume_run_id {stop.run_id} "
+               f"(mlflow run: -P resume_run_id={stop.run_id})")
+    else:
+        how = "run the same command again"
+    return f"interrupted by {stop}: {ended}; {how}"

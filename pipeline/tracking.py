@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +17,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
+from pipeline.interrupts import Interrupted
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_ROOT.name
@@ -23,6 +25,7 @@ DEFAULT_EXPERIMENT = "mnist-mlp"
 STAGE_TAG = "pipeline.stage"
 CACHE_KEY_TAG = "pipeline.cache_key"
 ERROR_TAG = "pipeline.error"
+INTERRUPTED_TAG = "pipeline.interrupted"
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -58,23 +61,54 @@ def log_params_once(params: dict) -> None:
 
 
 @contextmanager
-def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None) -> Iterator:
-    """A run for one stage: nested under the active run if there is one.
+def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
+              resume_run_id: str = "") -> Iterator:
+    """A run for one stage: nested under the active run if there is one; with
+    `resume_run_id`, that existing run again (its status goes back to RUNNING).
 
-    Any exception inside marks the run FAILED and records its message as a tag, so the UI
-    says why the run failed: the user's fixable problem (PipelineError) as it is, anything
-    else (a bug) with its type.
+    The run ends FINISHED, or FAILED with the error in the `pipeline.error` tag (the user's
+    fixable problem as it is, anything else, a bug, with its type), or KILLED when a stop
+    signal arrives (`interrupts.Interrupted`). It is ended explicitly rather than by
+    `with mlflow.start_run()`, which can only say FINISHED or FAILED.
     """
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=run_name, nested=nested) as run:
-        try:
-            _tag_experiment(run)
-            mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
-            log_params_once(params)
-            yield run
-        except Exception as err:
-            mlflow.set_tag(ERROR_TAG, error_message(err)[:5000])
-            raise
+    run = mlflow.start_run(run_id=resume_run_id or None,
+                           run_name=None if resume_run_id else run_name, nested=nested)
+    status = "FINISHED"
+    try:
+        _tag_experiment(run)
+        if resume_run_id:
+            _forget_last_ending(run)
+        mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
+        log_params_once(params)
+        yield run
+    except Interrupted as stop:
+        status = "KILLED"
+        stop.record(stage, run.info.run_id)
+        _best_effort(mlflow.set_tag, INTERRUPTED_TAG, f"{stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        raise
+    except Exception as err:
+        status = "FAILED"
+        _best_effort(mlflow.set_tag, ERROR_TAG, error_message(err)[:5000])
+        raise
+    finally:
+        mlflow.end_run(status)
+
+
+def _forget_last_ending(run) -> None:
+    """A resumed run is no longer failed or interrupted: drop the tags that said so."""
+    client = mlflow.MlflowClient()
+    for tag in (ERROR_TAG, INTERRUPTED_TAG):
+        if tag in run.data.tags:
+            client.delete_tag(run.info.run_id, tag)
+
+
+def _best_effort(call, *args) -> None:
+    """Recording why a run ended must not hide the reason itself (e.g. a server gone away)."""
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001 - the original exception is what the user needs
+        pass
 
 
 def error_message(err: BaseException) -> str:

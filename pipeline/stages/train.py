@@ -16,7 +16,7 @@ import torch
 from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
-from pipeline import models, plots, tracking
+from pipeline import interrupts, models, plots, tracking
 from pipeline.comparison import summarize
 from pipeline.config import load_model_config
 from pipeline.machine import numerics
@@ -123,7 +123,8 @@ def _log_epoch(client: mlflow.MlflowClient, run_id: str, record: dict, epochs: i
         Metric(key, value, timestamp, record["epoch"])
         for key, value in record.items() if key != "epoch"
     ]
-    client.log_batch(run_id, metrics=metrics)
+    with interrupts.deferred():  # a stop signal waits for the epoch's points to be written
+        client.log_batch(run_id, metrics=metrics)
     print(
         f"epoch {record['epoch']:>3}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
