@@ -234,3 +234,10 @@ def test_resolve_device():
 def test_cuda_without_a_gpu_is_a_clear_error():
     with pytest.raises(PipelineError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+@pytest.mark.parametrize("every", [-1, 1.5, True, "2"])
+def test_invalid_checkpoint_every_is_rejected(tiny_data, every):
+    with pytest.raises(PipelineError, match="checkpoint_every must be 0"):
+        train(fresh_model(), *tiny_data, TrainSettings(**FAST), on_checkpoint=print,
+              checkpoint_every=every)
