@@ -83,11 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import tracking
     from pipeline.stages import STAGES
 
-    interrupts.install()
     try:
         params = stage_params(stage, args)
         tracking.use_experiment(experiment)
-        run_id = STAGES[stage](params)
+        with interrupts.installed():
+            run_id = STAGES[stage](params)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -55,12 +55,20 @@ def _handle(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Route SIGTERM and SIGINT to `Interrupted` (main thread only, as Python requires)."""
-    for signum in HANDLED:
-        signal.signal(signum, _handle)
+@contextmanager
+def installed() -> Iterator[None]:
+    """Route SIGTERM and SIGINT to `Interrupted` inside the block (main thread only, as
+    Python requires); the previous handlers are back afterwards."""
+    global _stopping
+    previous = {signum: signal.signal(signum, _handle) for signum in HANDLED}
+    _stopping = False
     if os.environ.get("MLFLOW_RUN_ID") and _under_mlflow_run():
         _stop_with_parent()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _under_mlflow_run() -> bool:

@@ -72,6 +72,9 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     `with mlflow.start_run()`, which can only say FINISHED or FAILED.
     """
     nested = mlflow.active_run() is not None
+    if resume_run_id and not nested:
+        # The run goes on in its own experiment, whichever one this process selected.
+        mlflow.set_experiment(experiment_id=mlflow.get_run(resume_run_id).info.experiment_id)
     run = mlflow.start_run(run_id=resume_run_id or None,
                            run_name=None if resume_run_id else run_name, nested=nested)
     status = "FINISHED"
@@ -92,7 +95,10 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         _best_effort(mlflow.set_tag, ERROR_TAG, error_message(err)[:5000])
         raise
     finally:
-        mlflow.end_run(status)
+        if status == "FINISHED":
+            mlflow.end_run(status)
+        else:  # an unreachable store must not hide why the run stopped
+            _best_effort(mlflow.end_run, status)
 
 
 def _forget_last_ending(run) -> None:
@@ -204,15 +210,30 @@ def find_cached_run(key: str) -> Run | None:
     return runs[0] if runs else None
 
 
-def get_stage_run(run_id: str, stage: str, purpose: str) -> Run:
-    """A FINISHED run of `stage`, or a PipelineError saying what is wrong with `run_id`."""
+def find_unfinished_runs(key: str) -> list[Run]:
+    """KILLED or FAILED runs in the current experiment with this cache key, newest first."""
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{CACHE_KEY_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )
+    return [run for run in runs if run.info.status in ("KILLED", "FAILED")]
+
+
+def get_run(run_id: str, purpose: str) -> Run:
+    """The run, or a PipelineError saying that `run_id` (given as `purpose`) does not exist."""
     try:
-        run = mlflow.get_run(run_id)
+        return mlflow.get_run(run_id)
     except MlflowException as err:
         raise PipelineError(
             f"{purpose}: run {run_id!r} does not exist in the tracking store "
             f"{mlflow.get_tracking_uri()}; check the id in the MLflow UI"
         ) from err
+
+
+def get_stage_run(run_id: str, stage: str, purpose: str) -> Run:
+    """A FINISHED run of `stage`, or a PipelineError saying what is wrong with `run_id`."""
+    run = get_run(run_id, purpose)
     actual = run.data.tags.get(STAGE_TAG)
     if actual != stage:
         raise PipelineError(

@@ -32,7 +32,7 @@ def select_runs(params: dict) -> tuple[list, list[str]]:
     if params["run_ids"]:
         return [tracking.get_stage_run(i, "train", "run_ids") for i in split_ids(params["run_ids"])], []
     if params["parent_run_id"]:
-        parent = _get_run(params["parent_run_id"], "parent_run_id")
+        parent = tracking.get_run(params["parent_run_id"], "parent_run_id")
         recorded = parent.data.tags.get(TRAIN_RUNS_TAG)
         if recorded:
             return [tracking.get_stage_run(i, "train", "parent's train run") for i in split_ids(recorded)], []
@@ -56,14 +56,6 @@ def select_runs(params: dict) -> tuple[list, list[str]]:
     notes = [f"left out {r.info.run_name} ({r.info.run_id}): it is {r.info.status}"
              for r in candidates if r.info.status != "FINISHED"]
     return finished, notes
-
-
-def _get_run(run_id: str, purpose: str):
-    try:
-        return mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException as err:
-        raise PipelineError(f"{purpose}: run {run_id!r} does not exist in "
-                            f"{mlflow.get_tracking_uri()}") from err
 
 
 def _experiment_ids(name: str) -> list[str] | None:

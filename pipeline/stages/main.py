@@ -15,6 +15,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from pipeline import tracking
+from pipeline.checkpoint_store import has_checkpoint
 from pipeline.cli import stage_params
 from pipeline.config import load_study
 from pipeline.stages import compare, evaluate, sample_data, train
@@ -30,22 +31,35 @@ class Ledger:
         self.rows: list[dict] = []
 
     def step(self, stage: str, label: str, key: str, execute: Callable[[], str],
-             on_reuse: Callable[[Run], None] = lambda run: None) -> str:
+             on_reuse: Callable[[Run], None] = lambda run: None,
+             resume: Callable[[str], str] | None = None) -> str:
+        """Reuse a FINISHED run with this key; else, when `resume` is given, continue the newest
+        KILLED or FAILED one that left a checkpoint; else run the stage afresh."""
         started = time.perf_counter()
         cached = None if self.force else tracking.find_cached_run(key)
+        interrupted = None if self.force or cached or resume is None else next(
+            (r for r in tracking.find_unfinished_runs(key) if has_checkpoint(r.info.run_id)), None)
+        resumed = ""
         if cached:
             print(f"[main] {label}: reusing finished run {cached.info.run_id}")
             on_reuse(cached)
             run_id, reused = cached.info.run_id, True
+        elif interrupted:
+            resumed = interrupted.info.run_id
+            print(f"[main] {label}: resuming {interrupted.info.status} run {resumed} from its "
+                  f"last checkpoint")
+            run_id, reused = resume(resumed), False
         else:
             print(f"[main] {label}: running")
             run_id, reused = execute(), False
         self.rows.append({"stage": stage, "label": label, "run_id": run_id, "reused": reused,
+                          "resumed": bool(resumed),
                           "seconds": round(time.perf_counter() - started, 2)})
         return run_id
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["stage", "label", "run_id", "reused", "seconds"])
+        return pd.DataFrame(self.rows, columns=["stage", "label", "run_id", "reused", "resumed",
+                                                "seconds"])
 
 
 def run(params: dict) -> str:
@@ -77,6 +91,7 @@ def run(params: dict) -> str:
                 train_runs.append(ledger.step(
                     "train", train.run_name(fit), train.cache_key(fit, data_run),
                     lambda fit=fit: train.run(fit),
+                    resume=lambda run_id, fit=fit: train.run({**fit, "resume_run_id": run_id}),
                 ))
         mlflow.set_tag(compare.TRAIN_RUNS_TAG, ",".join(train_runs))
 
@@ -98,7 +113,8 @@ def run(params: dict) -> str:
         table = ledger.frame()
         mlflow.log_text(table.to_csv(index=False), "stages.csv")
         reused = table[table.reused]
-        mlflow.set_tag("pipeline.reused_stages", ",".join(reused.label) or "none")
+        mlflow.set_tags({"pipeline.reused_stages": ",".join(reused.label) or "none",
+                         "pipeline.resumed_stages": ",".join(table[table.resumed].label) or "none"})
         mlflow.log_metrics({"stages_run": int((~table.reused).sum()),
                             "stages_reused": int(table.reused.sum())})
         print(f"[main] done: {len(table) - len(reused)} stage(s) ran, {len(reused)} reused; "

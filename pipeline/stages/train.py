@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cloudpickle
@@ -13,18 +13,28 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import Metric
 from mlflow.models import infer_signature
 
 from pipeline import interrupts, models, plots, tracking
+from pipeline.checkpoint import meta_differences
+from pipeline.checkpoint_store import CheckpointStore, fetch_checkpoint
 from pipeline.comparison import summarize
 from pipeline.config import load_model_config
+from pipeline.errors import PipelineError
 from pipeline.machine import numerics
+from pipeline.metric_writer import MetricWriter
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
-from pipeline.training import TrainSettings, resolve_device, train
+from pipeline.training import METRIC_NAMES, TrainSettings, resolve_device, train
 
 STAGE = "train"
+# A checkpoint continues a run only under the parameters it was made with (and the same
+# config content and sample, see checkpoint_meta).
+RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "momentum", "seed", "precision", "normalize",
+                     "samples_per_class", "sampling", "sampling_seed")
+# On a stop signal the run must end within seconds: metric points and the checkpoint upload
+# get this long each, then what is left is in the local checkpoint for a resume here.
+STOP_WAIT_S = 2.0
 MODEL_ARTIFACT = "model"
 MODEL_URI_TAG = "pipeline.model_uri"
 # Pinned without local version suffixes (+cpu/+cu130) so pip can install them when serving.
@@ -65,73 +75,187 @@ def cache_key(params: dict, data_run_id: str) -> str:
     return tracking.cache_key(STAGE, identity, __name__)
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """A KILLED, FAILED or (after SIGKILL) RUNNING train run and the checkpoint to go on from."""
+
+    run_id: str
+    checkpoint: dict
+    source: str  # where the checkpoint was read from
+    logged: dict[str, dict[int, float]]  # the points the run already holds, metric -> step -> value
+
+    @property
+    def epochs_done(self) -> int:
+        return self.checkpoint["epochs_done"]
+
+
+def checkpoint_meta(params: dict, config, sample_run_id: str) -> dict:
+    """What a checkpoint must have been made with to continue under these parameters."""
+    return {
+        "config": config.name, "config_digest": config.digest, "sample_run_id": sample_run_id,
+        **{name: params[name] for name in RESUME_MUST_MATCH},
+    }
+
+
+def prepare_resume(params: dict) -> ResumePoint:
+    """Check everything about resuming `resume_run_id` before the run is touched."""
+    run_id = params["resume_run_id"]
+    run = tracking.get_run(run_id, "resume_run_id")
+    stage = run.data.tags.get(tracking.STAGE_TAG)
+    if stage != STAGE:
+        raise PipelineError(f"resume_run_id: run {run_id} is a {stage or 'non-pipeline'} run; "
+                            f"only a train run can be resumed")
+    if run.info.status == "FINISHED":
+        raise PipelineError(f"resume_run_id: run {run_id} already FINISHED; nothing to resume "
+                            f"(its model is runs:/{run_id}/{MODEL_ARTIFACT})")
+    checkpoint, source = fetch_checkpoint(run_id)
+    config = load_model_config(params["config"])
+    settings_from(params)
+    sample_run_id = params["data_run_id"] or run.data.params.get("sample_run_id", "")
+    expected = checkpoint_meta(params, config, sample_run_id)
+    differences = meta_differences(checkpoint["meta"].get("params", {}), expected)
+    if differences:
+        raise PipelineError(
+            f"resume_run_id: run {run_id}'s checkpoint was made with other parameters "
+            f"(checkpoint vs given): {'; '.join(differences)}; pass the checkpoint's values to "
+            f"resume it, or leave resume_run_id empty to start a new run"
+        )
+    client = mlflow.MlflowClient()
+    logged = {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
+              for name in METRIC_NAMES}
+    return ResumePoint(run_id, checkpoint, source, logged)
+
+
 def run(params: dict) -> str:
-    """Train and log one model; returns the run id."""
+    """Train and log one model (or continue `resume_run_id`); returns the run id."""
+    resume = prepare_resume(params) if params["resume_run_id"] else None
     config_name = Path(params["config"]).stem
     tags = {"pipeline.model": config_name}
-    with tracking.stage_run(STAGE, run_name(params), params, tags) as run:
+    with tracking.stage_run(STAGE, run_name(params), params, tags,
+                            resume_run_id=params["resume_run_id"]) as run:
         config = load_model_config(params["config"])
         mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
         settings = settings_from(params)
-        data_run_id = sample_data.resolve_data_run(params)
+        if resume:
+            data_run_id = resume.checkpoint["meta"]["params"]["sample_run_id"]
+        else:
+            data_run_id = sample_data.resolve_data_run(params)
         mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
              "torch_device": settings.device, **numerics(settings.device)}
         )
         sample = sample_data.fetch_sample(data_run_id)
-        sample_data.log_sample_inputs(sample, data_run_id)
-
         torch.manual_seed(settings.seed)
         model = build_model(config.model, normalize=params["normalize"])
-        mlflow.log_metric("num_params", count_parameters(model))
-        print(f"training {config.name} ({count_parameters(model):,} parameters) on "
-              f"{settings.device}, {settings.epochs} epochs")
+        if resume:
+            print(f"resuming {config.name} run {run.info.run_id} after epoch "
+                  f"{resume.epochs_done} of {settings.epochs} ({resume.source})")
+        else:
+            sample_data.log_sample_inputs(sample, data_run_id)
+            mlflow.log_metric("num_params", count_parameters(model))
+            print(f"training {config.name} ({count_parameters(model):,} parameters) on "
+                  f"{settings.device}, {settings.epochs} epochs")
 
-        history: list[dict] = []
+        history: list[dict] = list(resume.checkpoint["history"]) if resume else []
+        already = resume.logged if resume else {}
         client = mlflow.MlflowClient()
+        writer = MetricWriter(client, run.info.run_id)
+        # Epochs the checkpoint holds but the run lacks (their writes were lost with the server).
+        for record in history:
+            if record["epoch"] not in already.get("test_accuracy", {}):
+                writer.log(_per_epoch(record), step=record["epoch"])
+        meta = {"params": checkpoint_meta(params, config, data_run_id)}
+        earlier = resume.checkpoint["meta"].get("train_time_s", 0.0) if resume else 0.0
         started = time.perf_counter()
+        store = CheckpointStore(run.info.run_id, client)
+
+        def save(state: dict) -> None:
+            store.save(state, {**meta, "train_time_s": earlier + time.perf_counter() - started})
+
         try:
             train(
                 model,
                 (sample.train.features(), sample.train.labels),
                 (sample.test.features(), sample.test.labels),
                 settings,
-                on_epoch=lambda record: _log_epoch(client, run.info.run_id, record,
-                                                   settings.epochs, history),
+                on_epoch=lambda record: _log_epoch(writer, record, settings.epochs, history,
+                                                   already),
+                resume=resume.checkpoint if resume else None,
+                on_checkpoint=save,
+                checkpoint_every=params["checkpoint_every"],
             )
-        finally:
-            # Even a diverged run keeps the epochs it finished.
+            summary = summarize(pd.DataFrame(history))
+            summary["train_time_s"] = earlier + time.perf_counter() - started
+            writer.flush()
             _log_history(history, config.name)
-        summary = summarize(pd.DataFrame(history))
-        summary["train_time_s"] = time.perf_counter() - started
-        mlflow.log_metrics(summary)
-        if params["log_model"]:
-            log_model(model.cpu(), sample.test.features()[:5])
+            mlflow.log_metrics(summary)
+            if params["log_model"]:
+                log_model(model.cpu(), sample.test.features()[:5])
+        except interrupts.Interrupted:
+            # Seconds, not minutes: what is not written by then is in the local checkpoint.
+            _best_effort_flush(writer, STOP_WAIT_S)
+            store.close(timeout=STOP_WAIT_S)
+            _keep_history(history, config.name)
+            raise
+        except BaseException:
+            # A FAILED run can be resumed too (main does). A store that already refused
+            # writes gets seconds, not the whole retry window again.
+            wait = STOP_WAIT_S if writer.last_error else None
+            _best_effort_flush(writer, wait)
+            store.close(timeout=wait or 60)
+            _keep_history(history, config.name)
+            raise
+        finally:
+            writer.close()
+        store.close()
         print(f"final test accuracy {summary['final_test_accuracy']:.4f}, best "
               f"{summary['best_test_accuracy']:.4f} at epoch {summary['best_epoch']}")
         return run.info.run_id
 
 
-def _log_epoch(client: mlflow.MlflowClient, run_id: str, record: dict, epochs: int,
-               history: list[dict]) -> None:
+def _per_epoch(record: dict) -> dict:
+    return {key: value for key, value in record.items() if key != "epoch"}
+
+
+def _best_effort_flush(writer: MetricWriter, timeout: float | None) -> None:
+    try:
+        writer.flush(timeout)
+    except PipelineError as err:
+        print(f"warning: {err}", file=sys.stderr, flush=True)
+
+
+def _log_epoch(writer: MetricWriter, record: dict, epochs: int, history: list[dict],
+               already: dict[str, dict[int, float]]) -> None:
     history.append(record)
-    # One synchronous batch write, a few ms on SQLite (bench/logging_cost.py); MLflow's
-    # asynchronous queue polls with a 1 s timeout, so flushing it can add up to a second per run.
-    timestamp = int(time.time() * 1000)
-    metrics = [
-        Metric(key, value, timestamp, record["epoch"])
-        for key, value in record.items() if key != "epoch"
-    ]
-    with interrupts.deferred():  # a stop signal waits for the epoch's points to be written
-        client.log_batch(run_id, metrics=metrics)
+    epoch = record["epoch"]
+    if epoch in already.get("test_accuracy", {}):
+        # Trained again after a resume from an older checkpoint: the run holds this epoch's
+        # points already, and a second point per step would corrupt its history.
+        redone = [k for k in METRIC_NAMES
+                  if k != "epoch_time_s" and already[k].get(epoch) != record[k]]
+        print(f"epoch {epoch:>3}/{epochs}  already logged"
+              f"{'; differs from the logged values in ' + ', '.join(redone) if redone else ''}",
+              file=sys.stderr, flush=True)
+        return
+    # Queued, not written here: training must not wait on the tracking server.
+    writer.log(_per_epoch(record), step=epoch)
     print(
-        f"epoch {record['epoch']:>3}/{epochs}  "
+        f"epoch {epoch:>3}/{epochs}  "
         f"train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
         f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  "
         f"{record['epoch_time_s']:.2f}s",
         file=sys.stderr, flush=True,
     )
+
+
+def _keep_history(history: list[dict], name: str) -> None:
+    """Even a diverged or interrupted run keeps the epochs it finished, if the store lets it:
+    the reason the run stopped matters more than a failure to write its figures."""
+    try:
+        _log_history(history, name)
+    except Exception as err:  # noqa: BLE001
+        print(f"warning: could not log history.csv and the figures: {err}", file=sys.stderr)
 
 
 def _log_history(history: list[dict], name: str) -> None:

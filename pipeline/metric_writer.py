@@ -1,0 +1,93 @@
+"""Per-epoch metric points sent to the tracking server from a background thread.
+
+A synchronous write blocks training for as long as the server is away (MLflow's own HTTP
+retries took about two minutes for a 60 s outage). Here each epoch's points go into a queue
+and training goes on; one thread sends them in order, retrying a failed batch until it goes
+through. `flush()` waits for the queue to empty, up to the retry window; past it the points
+are declared lost with a PipelineError naming the tracking URI (the run's checkpoint, kept
+locally until uploaded, still allows a resume that writes them again).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+
+import mlflow
+from mlflow.entities import Metric
+
+from pipeline.errors import PipelineError
+
+RETRY_WINDOW_ENV = "PIPELINE_TRACKING_RETRY_S"
+DEFAULT_RETRY_WINDOW_S = 300.0
+RETRY_PAUSE_S = 1.0
+
+
+def retry_window_s() -> float:
+    return float(os.environ.get(RETRY_WINDOW_ENV) or DEFAULT_RETRY_WINDOW_S)
+
+
+class MetricWriter:
+    """Sends metric batches of one run in order, in the background, retrying failures."""
+
+    def __init__(self, client: mlflow.MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+        self.window_s = retry_window_s()
+        self._batches: queue.Queue[list[Metric] | None] = queue.Queue()
+        self._failing_since: float | None = None
+        self.last_error: Exception | None = None
+        self._thread = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"metrics-{run_id[:8]}")
+        self._thread.start()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        timestamp = int(time.time() * 1000)
+        self._batches.put([Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+
+    def _send_loop(self) -> None:
+        while True:
+            batch = self._batches.get()
+            if batch is None:
+                return
+            while not self._send(batch):
+                time.sleep(RETRY_PAUSE_S)
+            self._batches.task_done()
+
+    def _send(self, batch: list[Metric]) -> bool:
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as err:  # noqa: BLE001 - any failure to write is retried
+            self.last_error = err
+            if self._failing_since is None:
+                self._failing_since = time.monotonic()
+            return False
+        self._failing_since = None
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._batches.unfinished_tasks
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every queued point is written; PipelineError once the server has
+        refused writes for longer than the retry window (or `timeout` runs out)."""
+        deadline = time.monotonic() + (self.window_s if timeout is None else timeout)
+        while self.pending:
+            failing = self._failing_since
+            if time.monotonic() > deadline or (
+                failing is not None and time.monotonic() - failing > self.window_s
+            ):
+                reason = str(self.last_error).splitlines()[0] if self.last_error else "no answer"
+                raise PipelineError(
+                    f"the tracking server {mlflow.get_tracking_uri()} did not take this run's "
+                    f"metrics ({self.pending} epoch(s) pending) within {self.window_s:.0f} s: "
+                    f"{reason}. When it is back, resume the run with resume_run_id="
+                    f"{self.run_id}; its checkpoint is kept on this machine"
+                )
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._batches.put(None)

@@ -1,0 +1,300 @@
+"""Checkpoints and resume through the train stage: a run killed mid-training (a real process,
+SIGTERM or SIGKILL) and resumed ends with exactly the metrics of an uninterrupted run."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import (
+    SampleRun,
+    create_experiment,
+    runs_in,
+    subprocess_env,
+    use_new_experiment,
+)
+from mlflow import MlflowClient
+from test_interrupts import Stage
+
+from pipeline import checkpoint_store
+from pipeline.cli import main as cli_main
+from pipeline.cli import stage_params
+from pipeline.errors import PipelineError
+from pipeline.stages import main, train
+from pipeline.training import METRIC_NAMES
+
+# Batches of two (BatchNorm needs two) make an epoch on the tiny sample long enough to be
+# interrupted mid-training.
+EPOCHS = 30
+SETTINGS = {"config": "mlp4", "epochs": EPOCHS, "batch_size": 2, "device": "cpu",
+            "log_model": False}
+SUMMARY = ("final_test_accuracy", "best_test_accuracy", "best_epoch")
+VALUES = [m for m in METRIC_NAMES if m != "epoch_time_s"]  # time is not reproducible
+
+
+def one_thread_env(store) -> dict:
+    # The tests run torch with one thread (conftest); so must the processes they compare with.
+    return {**subprocess_env(store), "OMP_NUM_THREADS": "1"}
+
+
+def train_args(sample: SampleRun, experiment, **overrides) -> list[str]:
+    values = {**SETTINGS, "data_run_id": sample.run_id, **overrides}
+    args = [sys.executable, "-m", "pipeline", "train", "--experiment", experiment.name]
+    for key, value in values.items():
+        args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return args
+
+
+def points(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient()
+    return {m: sorted((p.step, p.value) for p in client.get_metric_history(run_id, m))
+            for m in METRIC_NAMES}
+
+
+def assert_same_training(run_id: str, reference_id: str) -> None:
+    got, want = points(run_id), points(reference_id)
+    for metric in METRIC_NAMES:
+        assert [s for s, _ in got[metric]] == list(range(1, EPOCHS + 1)), metric
+    for metric in VALUES:
+        assert got[metric] == want[metric], f"{metric} differs from the uninterrupted run"
+    metrics, reference = (mlflow.get_run(i).data.metrics for i in (run_id, reference_id))
+    assert {k: metrics[k] for k in SUMMARY} == {k: reference[k] for k in SUMMARY}
+
+
+@pytest.fixture(scope="module")
+def reference(tracking_store, sample_run: SampleRun) -> str:
+    """The same training, never interrupted."""
+    use_new_experiment(tracking_store, "resume-reference")
+    return train.run(stage_params("train", {**SETTINGS, "data_run_id": sample_run.run_id}))
+
+
+@pytest.fixture
+def killed(tracking_store, sample_run, request):
+    """start(signal, at_epoch) -> the run id of a train process stopped by that signal."""
+    stages: list[Stage] = []
+    experiment = create_experiment(tracking_store, request.node.name)
+
+    def start(signum: int, at_epoch: int = 3, **overrides) -> str:
+        stage = Stage(train_args(sample_run, experiment, **overrides), one_thread_env(tracking_store))
+        stages.append(stage)
+        stage.wait_for(f"epoch {at_epoch:>3}/")
+        stage.signal(signum)
+        [run] = runs_in(experiment, "train")
+        return run.info.run_id
+
+    mlflow.set_experiment(experiment.name)
+    yield start
+    for stage in stages:
+        stage.stop()
+
+
+def resume(run_id: str, sample: SampleRun, **overrides) -> str:
+    return train.run(stage_params("train", {**SETTINGS, "data_run_id": sample.run_id,
+                                            "resume_run_id": run_id, **overrides}))
+
+
+def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
+    killed, sample_run, reference
+):
+    run_id = killed(signal.SIGTERM)
+    before = mlflow.get_run(run_id)
+    assert before.info.status == "KILLED"
+    done = len(MlflowClient().get_metric_history(run_id, "test_accuracy"))
+    assert 3 <= done < EPOCHS
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/checkpoint.pt"}, "the checkpoint was not uploaded"
+
+    assert resume(run_id, sample_run) == run_id
+    after = mlflow.get_run(run_id)
+    assert after.info.status == "FINISHED"
+    assert "pipeline.interrupted" not in after.data.tags
+    assert_same_training(run_id, reference)
+    history = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                              artifact_path="history.csv"))
+    assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
+    assert not checkpoint_store.local_dir(run_id).exists(), "the local copy outlived the run"
+
+
+def test_a_run_killed_with_sigkill_stays_running_and_resumes_explicitly(
+    killed, sample_run, reference
+):
+    run_id = killed(signal.SIGKILL)
+    assert mlflow.get_run(run_id).info.status == "RUNNING"
+    resume(run_id, sample_run)
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert_same_training(run_id, reference)
+
+
+def test_resume_from_another_machine_uses_the_uploaded_checkpoint(
+    killed, sample_run, reference, capsys
+):
+    run_id = killed(signal.SIGTERM)
+    # The upload finished before the process exited, so no local copy was kept: this machine
+    # is in the same position as one that never ran the training.
+    assert not checkpoint_store.local_dir(run_id).exists()
+    resume(run_id, sample_run)
+    assert f"(checkpoints/checkpoint.pt of run {run_id})" in capsys.readouterr().out
+    assert_same_training(run_id, reference)
+
+
+def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
+    experiment, sample_run, reference, monkeypatch, capsys
+):
+    """The artifact store refuses uploads: the run fails, the local checkpoint remains."""
+    def refuse(self, *args, **kwargs):
+        raise OSError("artifact store unreachable")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refuse)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_text", refuse)
+    params = stage_params("train", {**SETTINGS, "epochs": 3, "batch_size": 16,
+                                    "data_run_id": sample_run.run_id})
+    with pytest.raises(Exception):
+        train.run(params)
+    [run] = runs_in(experiment, "train")
+    local = checkpoint_store.local_dir(run.info.run_id) / checkpoint_store.FILE_NAME
+    assert local.is_file()
+    assert "kept at" in capsys.readouterr().err
+    monkeypatch.undo()
+    resume(run.info.run_id, sample_run, epochs=3, batch_size=16)
+    assert f"({local})" in capsys.readouterr().out
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
+    assert not local.exists()
+
+
+def test_main_resumes_its_killed_training_by_itself(tracking_store, sample_run, tmp_path,
+                                                    reference):
+    experiment = create_experiment(tracking_store, "main-resumes")
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: resumable\nconfigs: [mlp4]\nseeds: [0]\n"
+        f"sample: {{samples_per_class: 12, download: false}}\n"
+        f"train: {{epochs: {EPOCHS}, batch_size: 2, device: cpu}}\n"
+    )
+    data_dir = str(sample_run.data.root)
+    stage = Stage([sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
+                   "--study", str(study), "--data_dir", data_dir], one_thread_env(tracking_store))
+    try:
+        stage.wait_for("epoch   3/")
+        assert stage.signal(signal.SIGTERM)[0] == 143
+    finally:
+        stage.stop()
+    [killed_run] = runs_in(experiment, "train")
+    assert killed_run.info.status == "KILLED"
+
+    mlflow.set_experiment(experiment.name)
+    parent = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir}))
+    stages = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent,
+                                                             artifact_path="stages.csv"))
+    row = stages.set_index("stage").loc["train"]
+    assert row.run_id == killed_run.info.run_id and row.resumed and not row.reused
+    assert mlflow.get_run(parent).data.tags["pipeline.resumed_stages"] == "train-mlp4-seed0"
+    [train_run] = runs_in(experiment, "train")
+    assert train_run.info.status == "FINISHED"
+    assert_same_training(train_run.info.run_id, reference)
+
+    forced = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir,
+                                            "force": True}))
+    stages = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=forced,
+                                                             artifact_path="stages.csv"))
+    assert not stages.resumed.any() and not stages.reused.any()
+
+
+def test_checkpoint_every_0_writes_no_checkpoint(experiment, sample_run):
+    run_id = train.run(stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16,
+                                              "data_run_id": sample_run.run_id,
+                                              "checkpoint_every": 0}))
+    assert MlflowClient().list_artifacts(run_id, "checkpoints") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, and the run to resume left exactly as it was
+# ---------------------------------------------------------------------------------------------
+
+
+def snapshot(run_id: str):
+    run = mlflow.get_run(run_id)
+    return (run.info.status, run.info.end_time, dict(run.data.tags), points(run_id))
+
+
+def cli_resume(capsys, run_id: str, sample: SampleRun, experiment, **overrides) -> str:
+    args = train_args(sample, experiment, resume_run_id=run_id, **overrides)[3:]
+    assert cli_main(args) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tracking_store, sample_run) -> str:
+    """A KILLED run with a checkpoint after 2 epochs, made in process: its checkpoint is what
+    the bad-input tests tamper with."""
+    experiment = use_new_experiment(tracking_store, "resume-bad-input")
+    client = MlflowClient()
+    run_id = train.run(stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16,
+                                              "data_run_id": sample_run.run_id}))
+    client.set_terminated(run_id, "KILLED")
+    return run_id
+
+
+def test_resuming_a_finished_run(capsys, experiment, sample_run, reference):
+    before = snapshot(reference)
+    error = cli_resume(capsys, reference, sample_run, experiment)
+    assert f"run {reference} already FINISHED; nothing to resume" in error
+    assert snapshot(reference) == before
+
+
+def test_resuming_a_run_of_another_stage(capsys, experiment, sample_run):
+    error = cli_resume(capsys, sample_run.run_id, sample_run, experiment)
+    assert "is a sample_data run; only a train run can be resumed" in error
+
+
+def test_resuming_a_run_without_a_checkpoint(capsys, experiment, sample_run):
+    run_id = train.run(stage_params("train", {**SETTINGS, "epochs": 1, "batch_size": 16,
+                                              "data_run_id": sample_run.run_id,
+                                              "checkpoint_every": 0}))
+    MlflowClient().set_terminated(run_id, "KILLED")
+    before = snapshot(run_id)
+    error = cli_resume(capsys, run_id, sample_run, experiment, epochs=1, batch_size=16)
+    assert f"run {run_id} has no checkpoint" in error
+    assert snapshot(run_id) == before
+
+
+def test_resuming_with_other_hyperparameters_names_them(capsys, experiment, sample_run,
+                                                        interrupted_run):
+    before = snapshot(interrupted_run)
+    error = cli_resume(capsys, interrupted_run, sample_run, experiment, epochs=2, batch_size=16,
+                       lr=0.02)
+    assert "checkpoint was made with other parameters (checkpoint vs given): lr 0.01 vs 0.02" \
+        in error
+    assert snapshot(interrupted_run) == before
+
+
+def test_resuming_from_a_corrupt_checkpoint(capsys, experiment, sample_run, interrupted_run,
+                                            tmp_path):
+    local = checkpoint_store.local_dir(interrupted_run) / checkpoint_store.FILE_NAME
+    local.parent.mkdir(parents=True, exist_ok=True)
+    local.write_bytes(b"not a checkpoint at all")
+    try:
+        before = snapshot(interrupted_run)
+        error = cli_resume(capsys, interrupted_run, sample_run, experiment, epochs=2,
+                           batch_size=16)
+        assert "is corrupt or not a training checkpoint" in error
+        assert snapshot(interrupted_run) == before
+    finally:
+        checkpoint_store.shutil.rmtree(local.parent)
+
+
+def test_resuming_a_run_that_does_not_exist(capsys, experiment, sample_run):
+    error = cli_resume(capsys, "0" * 32, sample_run, experiment)
+    assert "does not exist" in error
+
+
+def test_a_resumed_interrupted_run_finishes(experiment, sample_run, interrupted_run):
+    # Its checkpoint covers both epochs: resuming only logs the summary and finishes.
+    resume(interrupted_run, sample_run, epochs=2, batch_size=16)
+    assert mlflow.get_run(interrupted_run).info.status == "FINISHED"
+    with pytest.raises(PipelineError, match="already FINISHED"):
+        resume(interrupted_run, sample_run, epochs=2, batch_size=16)
