@@ -201,9 +201,9 @@ def run(params: dict) -> str:
         except BaseException:
             # A FAILED run can be resumed too (main does). A store that already refused
             # writes gets seconds, not the whole retry window again.
-            wait = STOP_WAIT_S if writer.last_error else None
-            _best_effort_flush(writer, wait)
-            store.close(timeout=wait or 60)
+            if writer.last_error is None:
+                _best_effort_flush(writer, None)
+            store.close(timeout=STOP_WAIT_S if writer.last_error else 60)
             _keep_history(history, config.name)
             raise
         finally:

@@ -1,0 +1,167 @@
+"""The tracking server goes away mid-training: a real `mlflow server` on 127.0.0.1, stopped
+and restarted by the test. Training must not wait for it, and no metric point may be lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, subprocess_env
+from mlflow import MlflowClient
+from test_interrupts import Stage
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+OUTAGE_S = 30
+EPOCHS = 40
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class TrackingServer:
+    """`mlflow server` on SQLite with proxied artifacts, in its own process group: it forks
+    workers that outlive a SIGTERM to the parent alone."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        self.process = subprocess.Popen(
+            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            cwd=self.root, env=env, stdout=open(self.root / "server.log", "ab"),
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+            if self.process.poll() is not None:
+                break
+        self.stop()
+        pytest.fail("mlflow server did not start:\n" + (self.root / "server.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        for signum, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, signum)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Workers of the group may linger after the leader exits.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    tracking = TrackingServer(tmp_path)
+    tracking.start()
+    yield tracking
+    tracking.stop()
+
+
+def train_command(data_dir: Path, experiment: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "train", "--experiment", experiment,
+            "--config", "mlp4", "--epochs", str(EPOCHS), "--batch_size", "2", "--device", "cpu",
+            "--log_model", "false", "--samples_per_class", "12", "--data_dir", str(data_dir)]
+
+
+def server_env(tracking_store, server: TrackingServer, **extra: str) -> dict:
+    return {**subprocess_env(tracking_store), "MLFLOW_TRACKING_URI": server.uri, **extra}
+
+
+def only_train_run(server: TrackingServer, experiment: str):
+    client = MlflowClient(server.uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.data.tags.get("pipeline.stage") == "train"]
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+@pytest.mark.integration
+def test_a_30_second_outage_neither_slows_training_nor_loses_a_point(
+    tracking_store, shared_tiny_mnist, server
+):
+    stage = Stage(train_command(shared_tiny_mnist.root, "outage"),
+                  server_env(tracking_store, server))
+    try:
+        stage.wait_for("epoch   5/")
+        server.stop()
+        time.sleep(OUTAGE_S)
+        server.start()
+        assert stage.process.wait(timeout=600) == 0, "\n".join(stage.lines[-20:])
+    finally:
+        stage.stop()
+
+    client, run = only_train_run(server, "outage")
+    assert run.info.status == "FINISHED"
+    for metric in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), metric
+    times = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_time_s")]
+    assert max(times) <= statistics.median(times) + 1.0, "an epoch waited for the server"
+    assert "checkpoints/checkpoint.pt" in {
+        a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
+
+
+@pytest.mark.integration
+def test_a_server_gone_for_good_fails_the_run_in_one_line_and_resume_finishes_it(
+    tracking_store, shared_tiny_mnist, server
+):
+    env = server_env(tracking_store, server, PIPELINE_TRACKING_RETRY_S="3",
+                     MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="5")
+    stage = Stage(train_command(shared_tiny_mnist.root, "gone"), env)
+    try:
+        stage.wait_for("epoch   3/")
+        server.stop()
+        assert stage.process.wait(timeout=300) == 2
+    finally:
+        stage.stop()
+    errors = [line for line in stage.lines if line.startswith("error:")]
+    assert len(errors) == 1 and server.uri in errors[0]
+    assert "resume the run with resume_run_id=" in errors[0]
+    assert not any("Traceback" in line for line in stage.lines)
+
+    server.start()
+    client, run = only_train_run(server, "gone")
+    assert run.info.status == "RUNNING"  # the server could not be told otherwise
+    resumed = subprocess.run(
+        [*train_command(shared_tiny_mnist.root, "gone"), "--resume_run_id", run.info.run_id],
+        cwd=REPO_ROOT, env=server_env(tracking_store, server), capture_output=True, text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "test_accuracy")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1))
