@@ -23,7 +23,7 @@ import mlflow
 from pipeline import interrupts
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.file_digests import MEMO_ENV
+from pipeline.file_digests import cache_root
 
 ARTIFACT_DIR = "checkpoints"
 FILE_NAME = "checkpoint.pt"
@@ -40,9 +40,7 @@ def upload_interval_s() -> float:
 
 
 def local_dir(run_id: str) -> Path:
-    root = os.environ.get(MEMO_ENV) or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-mlp-pipeline"
-    return Path(root) / "checkpoints" / run_id
+    return cache_root() / "checkpoints" / run_id
 
 
 class CheckpointStore:

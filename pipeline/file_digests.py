@@ -13,14 +13,19 @@ import os
 import tempfile
 from pathlib import Path
 
-MEMO_ENV = "PIPELINE_CACHE_DIR"
+CACHE_ENV = "PIPELINE_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """This pipeline's folder for what it keeps on this machine between runs."""
+    root = os.environ.get(CACHE_ENV) or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    ) / "mnist-mlp-pipeline"
+    return Path(root)
 
 
 def memo_path() -> Path:
-    root = os.environ.get(MEMO_ENV) or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    ) / "mnist-mlp-pipeline"
-    return Path(root) / "file_digests.json"
+    return cache_root() / "file_digests.json"
 
 
 def _read_memo(path: Path) -> dict:

@@ -75,6 +75,7 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     if resume_run_id and not nested:
         # The run goes on in its own experiment, whichever one this process selected.
         mlflow.set_experiment(experiment_id=mlflow.get_run(resume_run_id).info.experiment_id)
+        _point_launcher_run_to(resume_run_id)
     run = mlflow.start_run(run_id=resume_run_id or None,
                            run_name=None if resume_run_id else run_name, nested=nested)
     status = "FINISHED"
@@ -99,6 +100,17 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
             mlflow.end_run(status)
         else:  # an unreachable store must not hide why the run stopped
             _best_effort(mlflow.end_run, status)
+
+
+def _point_launcher_run_to(resumed_run_id: str) -> None:
+    """`mlflow run` creates a run for the command before it starts; when the command resumes
+    another run, say so on the one it created, which holds only the parameters."""
+    launcher = os.environ.get("MLFLOW_RUN_ID")
+    if launcher and launcher != resumed_run_id:
+        mlflow.MlflowClient().set_tag(launcher, "mlflow.note.content",
+                                      f"Resumed train run {resumed_run_id}; its metrics and "
+                                      f"artifacts are there.")
+        mlflow.MlflowClient().set_tag(launcher, "pipeline.resumed_run_id", resumed_run_id)
 
 
 def _forget_last_ending(run) -> None:

@@ -41,6 +41,9 @@ class TrackingServer:
     def start(self, timeout: float = 120) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+        # Its GenAI job workers start minutes of background imports that slow a 2-core
+        # machine's training several times over; a tracking server needs none of them.
+        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
         self.process = subprocess.Popen(
             [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
