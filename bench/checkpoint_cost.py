@@ -1,8 +1,9 @@
 """What a checkpoint after every epoch costs: our train loop on the real sample with no
 checkpoints, with a synchronous save_checkpoint after each epoch, and with a clone handed to a
 background thread that saves it. Rounds of each alternate in one process; it prints the median
-wall time of an epoch (its checkpoint included) for each and the ratio to no checkpoints, the
-checkpoint's size and the median time of one save. Not a test: it prints.
+wall time of an epoch (its checkpoint included) for each, its ratio to no checkpoints (pooled,
+and the median of the ratios within a round), the checkpoint's size and the median time of one
+save. Not a test: it prints.
 
     python bench/checkpoint_cost.py --data_dir ../shared/datasets [--rounds 3 --epochs 5]
 """
@@ -103,10 +104,12 @@ def main():
 
     variants = {"none": lambda: None, "sync": lambda: SyncSaver(path),
                 "background": lambda: BackgroundSaver(path)}
-    spans = {name: [] for name in variants}
-    per_epoch = {name: [] for name in variants}
-    saves, callbacks = {name: [] for name in variants}, {name: [] for name in variants}
     names = list(variants)
+    spans = {name: [] for name in names}
+    per_round = {name: [] for name in names}  # median span of each round
+    per_epoch = {name: [] for name in names}
+    saves, callbacks = {name: [] for name in names}, {name: [] for name in names}
+    print(f"load average before: {os.getloadavg()[0]:.2f} (other processes skew wall times)")
     for round_ in range(args.rounds):
         # A different order each round, so a slow drift of the machine favours no variant.
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
@@ -114,25 +117,33 @@ def main():
             settings = TrainSettings(epochs=args.epochs, seed=round_)
             times, total = epoch_times(args.config, sample, settings, saver)
             spans[name] += times
+            per_round[name].append(statistics.median(times))
             per_epoch[name].append(total)
             if saver is not None:
                 saves[name] += saver.save_times
                 callbacks[name] += saver.callback_times
+        print(f"round {round_ + 1}: s/epoch " + ", ".join(
+            f"{name} {per_round[name][-1]:.3f}" for name in names), flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
+    # Ratios within a round compare runs a minute apart, so a busy spell that covers a whole
+    # round cancels out; their median is the headline figure.
+    round_ratio = {name: statistics.median(r / b for r, b in zip(per_round[name],
+                                                                  per_round["none"]))
+                   for name in names}
     base_span = statistics.median(spans["none"])
     base_total = statistics.median(per_epoch["none"])
     size_mb = os.path.getsize(path) / 1e6
     print(f"checkpoint file {size_mb:.1f} MB")
-    print(f"{'checkpoints':12} {'s/epoch':>8} {'ratio':>6} {'run s/epoch':>12} {'ratio':>6} "
-          f"{'save ms':>8} {'in callback ms':>15}")
+    print(f"{'checkpoints':12} {'s/epoch':>8} {'ratio':>6} {'ratio in round':>15} "
+          f"{'run s/epoch':>12} {'ratio':>6} {'save ms':>8} {'in callback ms':>15}")
     for name in names:
         span, total = statistics.median(spans[name]), statistics.median(per_epoch[name])
         save_ms = f"{statistics.median(saves[name]) * 1e3:8.1f}" if saves[name] else f"{'-':>8}"
         callback_ms = (f"{statistics.median(callbacks[name]) * 1e3:15.1f}" if callbacks[name]
                        else f"{'-':>15}")
-        print(f"{name:12} {span:8.3f} {span / base_span:6.3f} {total:12.3f} "
-              f"{total / base_total:6.3f} {save_ms} {callback_ms}", flush=True)
-
+        print(f"{name:12} {span:8.3f} {span / base_span:6.3f} {round_ratio[name]:15.3f} "
+              f"{total:12.3f} {total / base_total:6.3f} {save_ms} {callback_ms}", flush=True)
 
 if __name__ == "__main__":
     main()
