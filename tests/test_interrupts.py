@@ -1,4 +1,5 @@
-"""Stop signals end runs KILLED: real subprocesses, killed with SIGTERM/SIGINT mid-training."""
+"""Stop signals end runs KILLED: real subprocesses, killed mid-training. SIGTERM to a train
+process and SIGINT to main, with the resumes that follow, are in test_resume.py."""
 
 from __future__ import annotations
 
@@ -10,10 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
-from mlflow import MlflowClient
 
 from pipeline import interrupts
 
@@ -74,61 +73,6 @@ def started(tracking_store):
     yield start
     for stage in stages:
         stage.stop()
-
-
-def pipeline_command(stage: str, experiment, *args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", stage, "--experiment", experiment.name, *args]
-
-
-def epochs_printed(lines: list[str]) -> int:
-    return sum(line.startswith("epoch ") for line in lines)
-
-
-def test_sigterm_during_train_ends_the_run_killed_with_every_finished_epoch_logged(
-    tracking_store, started, shared_tiny_mnist
-):
-    experiment = create_experiment(tracking_store, "sigterm-train")
-    stage = started(*pipeline_command(
-        "train", experiment, "--epochs", LONG, "--batch_size", "16", "--device", "cpu",
-        "--log_model", "false", "--samples_per_class", "12",
-        "--data_dir", str(shared_tiny_mnist.root)))
-    stage.wait_for("epoch   3/")
-    code, seconds = stage.signal(signal.SIGTERM)
-
-    assert code == 143
-    assert seconds < 15, "the process took too long to stop"
-    [run] = runs_in(experiment, "train")
-    assert run.info.status == "KILLED"
-    assert run.info.end_time is not None
-    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "test_accuracy")]
-    assert steps == list(range(1, epochs_printed(stage.lines) + 1))
-    assert run.data.tags["pipeline.interrupted"].startswith("SIGTERM at ")
-    assert "pipeline.error" not in run.data.tags
-    last = stage.lines[-1]
-    assert last.startswith(f"interrupted by SIGTERM: train run {run.info.run_id} ended KILLED; ")
-    assert f"--resume_run_id {run.info.run_id}" in last
-
-
-def test_sigint_during_main_ends_the_training_and_the_parent_killed(
-    tracking_store, started, shared_tiny_mnist, tmp_path
-):
-    experiment = create_experiment(tracking_store, "sigint-main")
-    study = tmp_path / "study.yaml"
-    study.write_text(
-        "name: long\nconfigs: [mlp3]\nseeds: [0]\n"
-        "sample: {samples_per_class: 12, download: false}\n"
-        f"train: {{epochs: {LONG}, batch_size: 16, device: cpu, log_model: false}}\n"
-    )
-    stage = started(*pipeline_command("main", experiment, "--study", str(study),
-                                      "--data_dir", str(shared_tiny_mnist.root)))
-    stage.wait_for("epoch   2/")
-    code, _ = stage.signal(signal.SIGINT)
-
-    assert code == 130
-    statuses = {r.data.tags["pipeline.stage"]: r.info.status for r in runs_in(experiment)}
-    assert statuses == {"main": "KILLED", "sample_data": "FINISHED", "train": "KILLED"}
-    assert stage.lines[-1].startswith("interrupted by SIGINT: train run ")
-    assert "run the same command again" in stage.lines[-1]
 
 
 def test_sigterm_to_mlflow_run_leaves_no_stage_process_behind(

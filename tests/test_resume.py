@@ -28,7 +28,7 @@ from pipeline.training import METRIC_NAMES
 
 # Batches of two (BatchNorm needs two) make an epoch on the tiny sample long enough to be
 # interrupted mid-training.
-EPOCHS = 30
+EPOCHS = 12
 SETTINGS = {"config": "mlp4", "epochs": EPOCHS, "batch_size": 2, "device": "cpu",
             "log_model": False}
 SUMMARY = ("final_test_accuracy", "best_test_accuracy", "best_epoch")
@@ -77,13 +77,13 @@ def killed(tracking_store, sample_run, request):
     stages: list[Stage] = []
     experiment = create_experiment(tracking_store, request.node.name)
 
-    def start(signum: int, at_epoch: int = 3, **overrides) -> str:
+    def start(signum: int, at_epoch: int = 3, **overrides) -> tuple[str, Stage, int]:
         stage = Stage(train_args(sample_run, experiment, **overrides), one_thread_env(tracking_store))
         stages.append(stage)
         stage.wait_for(f"epoch {at_epoch:>3}/")
-        stage.signal(signum)
+        code, _ = stage.signal(signum)
         [run] = runs_in(experiment, "train")
-        return run.info.run_id
+        return run.info.run_id, stage, code
 
     mlflow.set_experiment(experiment.name)
     yield start
@@ -97,17 +97,30 @@ def resume(run_id: str, sample: SampleRun, **overrides) -> str:
 
 
 def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
-    killed, sample_run, reference
+    killed, sample_run, reference, capsys
 ):
-    run_id = killed(signal.SIGTERM)
+    run_id, stage, code = killed(signal.SIGTERM)
+    assert code == 143
     before = mlflow.get_run(run_id)
     assert before.info.status == "KILLED"
+    assert before.data.tags["pipeline.interrupted"].startswith("SIGTERM at ")
+    assert "pipeline.error" not in before.data.tags
+    # Every epoch the process finished (and printed) was logged before it stopped.
     done = len(MlflowClient().get_metric_history(run_id, "test_accuracy"))
+    assert done == sum(line.startswith("epoch ") for line in stage.lines)
     assert 3 <= done < EPOCHS
+    last = stage.lines[-1]
+    assert last.startswith(f"interrupted by SIGTERM: train run {run_id} ended KILLED; ")
+    assert f"--resume_run_id {run_id}" in last
     artifacts = {a.path for a in MlflowClient().list_artifacts(run_id, "checkpoints")}
     assert artifacts == {"checkpoints/checkpoint.pt"}, "the checkpoint was not uploaded"
 
+    # The upload finished before the process exited, so no local copy was kept: this machine
+    # is in the same position as one that never ran the training.
+    assert not checkpoint_store.local_dir(run_id).exists()
+
     assert resume(run_id, sample_run) == run_id
+    assert f"(checkpoints/checkpoint.pt of run {run_id})" in capsys.readouterr().out
     after = mlflow.get_run(run_id)
     assert after.info.status == "FINISHED"
     assert "pipeline.interrupted" not in after.data.tags
@@ -115,28 +128,16 @@ def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
     history = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id,
                                                               artifact_path="history.csv"))
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
-    assert not checkpoint_store.local_dir(run_id).exists(), "the local copy outlived the run"
 
 
 def test_a_run_killed_with_sigkill_stays_running_and_resumes_explicitly(
     killed, sample_run, reference
 ):
-    run_id = killed(signal.SIGKILL)
+    run_id, _, code = killed(signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert mlflow.get_run(run_id).info.status == "RUNNING"
     resume(run_id, sample_run)
     assert mlflow.get_run(run_id).info.status == "FINISHED"
-    assert_same_training(run_id, reference)
-
-
-def test_resume_from_another_machine_uses_the_uploaded_checkpoint(
-    killed, sample_run, reference, capsys
-):
-    run_id = killed(signal.SIGTERM)
-    # The upload finished before the process exited, so no local copy was kept: this machine
-    # is in the same position as one that never ran the training.
-    assert not checkpoint_store.local_dir(run_id).exists()
-    resume(run_id, sample_run)
-    assert f"(checkpoints/checkpoint.pt of run {run_id})" in capsys.readouterr().out
     assert_same_training(run_id, reference)
 
 
@@ -164,7 +165,7 @@ def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
     assert not local.exists()
 
 
-def test_main_resumes_its_killed_training_by_itself(tracking_store, sample_run, tmp_path,
+def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store, sample_run, tmp_path,
                                                     reference):
     experiment = create_experiment(tracking_store, "main-resumes")
     study = tmp_path / "study.yaml"
@@ -178,11 +179,14 @@ def test_main_resumes_its_killed_training_by_itself(tracking_store, sample_run, 
                    "--study", str(study), "--data_dir", data_dir], one_thread_env(tracking_store))
     try:
         stage.wait_for("epoch   3/")
-        assert stage.signal(signal.SIGTERM)[0] == 143
+        assert stage.signal(signal.SIGINT)[0] == 130
     finally:
         stage.stop()
+    statuses = {r.data.tags["pipeline.stage"]: r.info.status for r in runs_in(experiment)}
+    assert statuses == {"main": "KILLED", "sample_data": "FINISHED", "train": "KILLED"}
+    assert stage.lines[-1].startswith("interrupted by SIGINT: train run ")
+    assert "run the same command again" in stage.lines[-1]
     [killed_run] = runs_in(experiment, "train")
-    assert killed_run.info.status == "KILLED"
 
     mlflow.set_experiment(experiment.name)
     parent = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir}))
@@ -195,11 +199,28 @@ def test_main_resumes_its_killed_training_by_itself(tracking_store, sample_run, 
     assert train_run.info.status == "FINISHED"
     assert_same_training(train_run.info.run_id, reference)
 
-    forced = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir,
-                                            "force": True}))
-    stages = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=forced,
-                                                             artifact_path="stages.csv"))
-    assert not stages.resumed.any() and not stages.reused.any()
+
+def killed_run_with_checkpoint(experiment, key: str, tmp_path) -> str:
+    """A KILLED run with this cache key and a checkpoint artifact (its content is not read)."""
+    client = MlflowClient()
+    run_id = client.create_run(experiment.id, tags={"pipeline.cache_key": key}).info.run_id
+    fake = tmp_path / checkpoint_store.FILE_NAME
+    fake.write_bytes(b"checkpoint")
+    client.log_artifact(run_id, str(fake), checkpoint_store.ARTIFACT_DIR)
+    client.set_terminated(run_id, "KILLED")
+    return run_id
+
+
+def test_main_resumes_a_killed_run_unless_forced(experiment, tmp_path):
+    run_id = killed_run_with_checkpoint(experiment, "key-1", tmp_path)
+    calls = []
+    resume = lambda rid: calls.append(("resume", rid)) or rid  # noqa: E731
+    fresh = lambda: calls.append(("fresh",)) or "new"  # noqa: E731
+
+    assert main.Ledger(force=False).step("train", "t", "key-1", fresh, resume=resume) == run_id
+    assert main.Ledger(force=True).step("train", "t", "key-1", fresh, resume=resume) == "new"
+    assert main.Ledger(force=False).step("train", "t", "key-2", fresh, resume=resume) == "new"
+    assert calls == [("resume", run_id), ("fresh",), ("fresh",)]
 
 
 def test_checkpoint_every_0_writes_no_checkpoint(experiment, sample_run):
@@ -231,7 +252,7 @@ def cli_resume(capsys, run_id: str, sample: SampleRun, experiment, **overrides) 
 def interrupted_run(tracking_store, sample_run) -> str:
     """A KILLED run with a checkpoint after 2 epochs, made in process: its checkpoint is what
     the bad-input tests tamper with."""
-    experiment = use_new_experiment(tracking_store, "resume-bad-input")
+    use_new_experiment(tracking_store, "resume-bad-input")
     client = MlflowClient()
     run_id = train.run(stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16,
                                               "data_run_id": sample_run.run_id}))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import platform
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 import numpy as np
