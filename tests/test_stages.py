@@ -80,8 +80,8 @@ def test_sample_data_logs_class_counts(sample_run: SampleRun):
     run = mlflow.get_run(sample_run.run_id)
     assert run.data.metrics["train_examples"] == 10 * n
     assert run.data.metrics["test_examples"] == 10 * n
-    counts = mlflow.load_table("class_counts.json", run_ids=[sample_run.run_id],
-                               experiment_ids=[sample_run.experiment.id])
+    mlflow.set_experiment(experiment_id=sample_run.experiment.id)  # load_table searches it
+    counts = mlflow.load_table("class_counts.json", run_ids=[sample_run.run_id])
     counts = counts.drop(columns=["run_id"], errors="ignore").sort_values("digit")
     assert counts["digit"].tolist() == list(range(10))
     assert counts["train"].tolist() == [n] * 10
