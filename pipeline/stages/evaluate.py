@@ -1,9 +1,13 @@
-"""evaluate: load a logged or registered model as a consumer would and score it on a sample."""
+"""evaluate: load a logged or registered model as a consumer would and score it on a sample.
+
+It logs, besides the metrics and figures, `predictions.csv`: every test image's label and
+predicted digit, which the served model must answer too."""
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import ConfusionMatrixDisplay
@@ -54,6 +58,14 @@ def cache_key(params: dict, source_run: str | None, data_run_id: str) -> str:
     return tracking.cache_key(STAGE, identity, __name__)
 
 
+def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
+    """The logged network's logits (the loss needs them; the served pyfunc answers digits and
+    probabilities), computed as MLflow's PyTorch pyfunc does: float32 input, no autograd."""
+    network = mlflow.pytorch.load_model(model_uri)
+    with torch.no_grad():
+        return network(torch.from_numpy(features)).numpy()
+
+
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "evaluate", params) as run:
         source = source_run_id(params["model_uri"])
@@ -66,12 +78,13 @@ def run(params: dict) -> str:
         sample = sample_data.fetch_sample(data_run_id)
         sample_data.log_sample_inputs(sample, data_run_id)
 
-        model = mlflow.pyfunc.load_model(params["model_uri"])
-        logits = np.asarray(model.predict(sample.test.features().numpy()))
+        logits = network_logits(params["model_uri"], sample.test.features().numpy())
         labels = sample.test.labels.numpy()
         result = evaluate_logits(logits, labels)
 
         mlflow.log_metrics(result.metrics())
+        mlflow.log_text(pd.DataFrame({"label": labels, "digit": result.predictions})
+                        .to_csv(index_label="test_index"), "predictions.csv")
         mlflow.log_text(result.per_class.to_csv(), "per_class.csv")
         mlflow.log_text(result.confusion.to_csv(), "confusion_matrix.csv")
         display = ConfusionMatrixDisplay(result.confusion.to_numpy(), display_labels=list(range(10)))

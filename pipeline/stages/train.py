@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 
-from pipeline import interrupts, models, plots, tracking
+from pipeline import digit_classifier, interrupts, models, plots, tracking
 from pipeline.checkpoint import meta_differences
 from pipeline.checkpoint_store import CheckpointStore, fetch_checkpoint
 from pipeline.comparison import summarize
@@ -42,6 +42,7 @@ MODEL_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
     f"mlflow=={mlflow.__version__}",
     f"numpy=={np.__version__}",
+    f"pandas=={pd.__version__}",  # the pyfunc answers a DataFrame (digit_classifier)
 ]
 
 
@@ -270,18 +271,24 @@ def _log_history(history: list[dict], name: str) -> None:
 
 
 def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
-    """Log the model with a signature; explicit requirements skip MLflow's slow inference."""
+    """Log the model with a signature; explicit requirements skip MLflow's slow inference.
+
+    Its flavors: `pytorch` (the network, logits) and a pyfunc that answers digits and
+    probabilities (see digit_classifier), which is what `mlflow models serve` serves.
+    """
     model.eval()
     with torch.inference_mode():
-        output = model(example).numpy()
+        answer = digit_classifier.digits_and_probabilities(model(example).numpy())
     # Our own layers (models.Scale) are pickled by value, so the model loads where this
     # package is not installed.
     cloudpickle.register_pickle_by_value(models)
     try:
-        info = mlflow.pytorch.log_model(
-            model,
+        info = Model.log(
+            artifact_path=None,
+            flavor=digit_classifier,
+            pytorch_model=model,
             name=MODEL_ARTIFACT,
-            signature=infer_signature(example.numpy(), output),
+            signature=infer_signature(example.numpy(), answer),
             input_example=example.numpy(),
             pip_requirements=MODEL_REQUIREMENTS,
         )
