@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     stage, experiment = args.pop("stage"), args.pop("experiment")
-    from pipeline import tracking
+    from pipeline import tracking, tracking_access
     from pipeline.stages import STAGES
 
+    tracking_access.apply_http_defaults()
     try:
         params = stage_params(stage, args)
         tracking.use_experiment(experiment)
@@ -90,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             run_id = STAGES[stage](params)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a login refused or a server away before any run could start
+        explained = tracking_access.explain(err, tracking.experiment_label(experiment))
+        if explained is None:
+            raise
+        print(f"error: {explained}", file=sys.stderr)
         return 2
     except interrupts.Interrupted as stop:
         print(interrupted_message(stage, stop), file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
+from pipeline import tracking_access
 from pipeline.errors import PipelineError
 from pipeline.interrupts import Interrupted
 
@@ -38,6 +39,13 @@ def use_experiment(name: str | None = None) -> None:
     if os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_RUN_ID"):
         return
     mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+
+
+def experiment_label(name: str | None = None) -> str:
+    """The experiment this process writes to, as a user would name it in a message."""
+    if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return f"id {os.environ['MLFLOW_EXPERIMENT_ID']}"
+    return name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 def format_param(value: object) -> str:
@@ -93,7 +101,11 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         raise
     except Exception as err:
         status = "FAILED"
-        _best_effort(mlflow.set_tag, ERROR_TAG, error_message(err)[:5000])
+        # A refused login or an unreachable server is the user's to fix: one line, no traceback.
+        explained = None if isinstance(err, PipelineError) else tracking_access.explain(err)
+        _best_effort(mlflow.set_tag, ERROR_TAG, error_message(explained or err)[:5000])
+        if explained is not None:
+            raise explained from err
         raise
     finally:
         if status == "FINISHED":

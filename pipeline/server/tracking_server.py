@@ -1,0 +1,172 @@
+"""`mlflow server` in a process group of its own: start, wait until healthy, stop.
+
+Artifacts are always proxied (`--artifacts-destination`): clients upload and download through
+the server and need no storage credentials. With `auth`, MLflow's basic-auth app asks every
+request for a login (see `write_auth_config`).
+
+The server forks uvicorn workers (and, unless turned off, GenAI job workers) that outlive a
+SIGTERM to its own pid, so it starts in a new session and is stopped by its process group.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+STARTUP_TIMEOUT_S = 300  # a first start on an empty PostgreSQL runs every migration
+AUTH_CONFIG = "basic_auth.ini"
+# Without it MLflow 3 starts GenAI job workers whose background imports keep a 2-core machine
+# busy for minutes; a tracking server for training runs needs none of them.
+SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+class ServerError(Exception):
+    """The server did not come up; the message ends with the tail of its log."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_auth_config(folder: Path, database_uri: str | None = None) -> Path:
+    """The basic-auth app's config: users and grants in `database_uri` (default: a SQLite file
+    in `folder`), and no access without a grant, so READ and EDIT grants mean something.
+    The admin's password comes from MLFLOW_AUTH_ADMIN_PASSWORD on the first start."""
+    path = folder / AUTH_CONFIG
+    path.write_text(
+        "[mlflow]\n"
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = {database_uri or 'sqlite:///' + str(folder / 'basic_auth.db')}\n"
+        "admin_username = admin\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    return path
+
+
+def secret_key(folder: Path) -> str:
+    """One Flask secret for all workers (the auth app's CSRF tokens), kept across restarts."""
+    path = folder / "flask_secret_key"
+    if not path.is_file():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+class TrackingServer:
+    """`mlflow server` with `backend_store_uri`, artifacts proxied to `folder/artifacts` (or
+    `artifacts_destination`), its log in `folder/mlflow-server.log`."""
+
+    def __init__(self, folder: Path, backend_store_uri: str, host: str = "127.0.0.1",
+                 port: int | None = None, workers: int = 1, auth: bool = False,
+                 artifacts_destination: str | None = None, env: dict | None = None):
+        self.folder = Path(folder).resolve()
+        self.backend_store_uri = backend_store_uri
+        self.host, self.port, self.workers, self.auth = host, port or free_port(), workers, auth
+        self.artifacts_destination = artifacts_destination or str(self.folder / "artifacts")
+        self.extra_env = env or {}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def log(self) -> Path:
+        return self.folder / "mlflow-server.log"
+
+    def command(self) -> list[str]:
+        return [str(MLFLOW), "server", "--host", self.host, "--port", str(self.port),
+                "--backend-store-uri", self.backend_store_uri,
+                "--artifacts-destination", self.artifacts_destination,
+                "--workers", str(self.workers),
+                *(["--app-name", "basic-auth"] if self.auth else [])]
+
+    def environment(self) -> dict[str, str]:
+        # Not the caller's MLFLOW_* settings (a tracking URI, a run id): the server's own only.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        env.update(SERVER_ENV)
+        env["PATH"] = f"{MLFLOW.parent}{os.pathsep}{env.get('PATH', '')}"
+        if self.auth:
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.folder / AUTH_CONFIG)
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secret_key(self.folder)
+            if os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+                env["MLFLOW_AUTH_ADMIN_PASSWORD"] = os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"]
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Start it and wait until /health answers; ServerError (with its log) if it does not."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.auth and not (self.folder / AUTH_CONFIG).is_file():
+            write_auth_config(self.folder)
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command(), cwd=self.folder, env=self.environment(), stdout=log,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if healthy(self.uri):
+                return
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.stop()
+        tail = self.log.read_text(errors="replace")[-3000:]
+        raise ServerError(f"mlflow server on {self.uri} did not start (log {self.log}):\n{tail}")
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, then SIGKILL to whatever of it is left."""
+        if self.process is not None:
+            stop_group(self.process.pid, reap=self.process.poll)
+
+
+def healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def stop_group(pgid: int, reap=lambda: None, grace_s: float = 10) -> None:
+    """End process group `pgid` (its leader's pid): SIGTERM, up to `grace_s` for all of it
+    to exit, then SIGKILL for what is left (workers can outlive their leader). `reap` collects
+    the leader when it is our child, else it would count as alive."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while True:
+        reap()
+        if not _group_alive(pgid):
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    while _group_alive(pgid) and time.monotonic() < deadline + 10:
+        reap()
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
