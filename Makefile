@@ -2,6 +2,7 @@
 #   make run    create .venv, install the pinned packages, run the whole study (mlflow run .)
 #   make test   create .venv, install the pinned packages, run the test suite
 # Offline, MNIST is read from ../shared/datasets when it is there (override: DATA_DIR=...).
+# A team's tracking server: make server / make server-stop; the champion over HTTP: make serve.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -9,11 +10,29 @@ BIN := $(abspath $(VENV))/bin
 DATA_DIR ?= $(if $(wildcard ../shared/datasets/MNIST/raw),../shared/datasets,data)
 EXPERIMENT ?= mnist-mlp
 PORT ?= 5000
+# make server: PostgreSQL (a local cluster in SERVER_DIR unless BACKEND_STORE_URI is given),
+# artifacts proxied to SERVER_DIR/artifacts (or ARTIFACTS_DESTINATION), logins on.
+SERVER_DIR ?= .mlflow-server
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5050
+SERVER_WORKERS ?= 2
+PG_PORT ?= 5433
+BACKEND_STORE_URI ?=
+ARTIFACTS_DESTINATION ?=
+AUTH ?= true
+# make serve: models:/$(MODEL)@champion from $MLFLOW_TRACKING_URI (default ./mlflow.db).
+MODEL ?= mnist-mlp
+SERVE_PORT ?= 5001
 # `mlflow run` runs each stage's `python -m pipeline ...` with the python on PATH.
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
+# Give up on an unreachable tracking server in seconds, not MLflow's minutes of retries
+# (pipeline/tracking_access.py sets the same for `python -m pipeline`); yours win if set.
+export MLFLOW_HTTP_REQUEST_MAX_RETRIES ?= 3
+export MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR ?= 1
+export MLFLOW_HTTP_REQUEST_TIMEOUT ?= 30
 
-.PHONY: setup run test test-fast ui bench clean
+.PHONY: setup run test test-fast ui bench clean server server-stop serve
 
 setup: $(VENV)/.installed
 
@@ -34,6 +53,19 @@ test-fast: setup
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(PORT)
+
+server: setup
+	$(BIN)/python -m pipeline.server start --folder $(SERVER_DIR) --host $(SERVER_HOST) \
+		--port $(SERVER_PORT) --workers $(SERVER_WORKERS) --pg-port $(PG_PORT) \
+		--backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
+		$(if $(filter false,$(AUTH)),--no-auth)
+
+server-stop: setup
+	$(BIN)/python -m pipeline.server stop --folder $(SERVER_DIR)
+
+serve: setup
+	$(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \
+		--host 127.0.0.1 --port $(SERVE_PORT)
 
 bench: setup
 	$(BIN)/python bench/train_loop.py --data_dir $(DATA_DIR)

@@ -34,7 +34,8 @@ def apply_http_defaults() -> None:
 
 def explain(err: BaseException, experiment: str | None = None) -> PipelineError | None:
     """A one-line PipelineError when `err` is the server refusing a login or a permission,
-    or not answering; None for anything else."""
+    or not answering; None for anything else. `experiment` names it in the message
+    (tracking.experiment_label)."""
     uri = mlflow.get_tracking_uri()
     status = _http_status(err)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -45,7 +46,7 @@ def explain(err: BaseException, experiment: str | None = None) -> PipelineError 
                 f"or no such user): check {LOGIN_VARS}")
         return PipelineError(f"the tracking server {uri} requires a login: set {LOGIN_VARS}")
     if status == 403:
-        where = f"experiment {experiment!r}" if experiment else "the experiment"
+        where = f"experiment {experiment}" if experiment else "the experiment"
         return PipelineError(
             f"the tracking server {uri} denied user {user!r} a write (permission denied): a "
             f"stage needs EDIT on {where} (and on the registered model for compare); ask the "

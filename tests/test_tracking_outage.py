@@ -3,14 +3,10 @@ and restarted by the test. Training must not wait for it, and no metric point ma
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,75 +14,16 @@ from conftest import REPO_ROOT, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-MLFLOW = Path(sys.executable).parent / "mlflow"
+from pipeline.server.tracking_server import TrackingServer
+
 OUTAGE_S = 30
 EPOCHS = 40
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class TrackingServer:
-    """`mlflow server` on SQLite with proxied artifacts, in its own process group: it forks
-    workers that outlive a SIGTERM to the parent alone."""
-
-    def __init__(self, root: Path):
-        self.root, self.port = root, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 120) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-        # Its GenAI job workers start minutes of background imports that slow a 2-core
-        # machine's training several times over; a tracking server needs none of them.
-        env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-        self.process = subprocess.Popen(
-            [str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            cwd=self.root, env=env, stdout=open(self.root / "server.log", "ab"),
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-            if self.process.poll() is not None:
-                break
-        self.stop()
-        pytest.fail("mlflow server did not start:\n" + (self.root / "server.log").read_text()[-3000:])
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        for signum, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.process.pid, signum)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # Workers of the group may linger after the leader exits.
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture
 def server(tmp_path):
-    tracking = TrackingServer(tmp_path)
+    """`mlflow server` on SQLite with proxied artifacts; the tests stop and restart it."""
+    tracking = TrackingServer(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.start()
     yield tracking
     tracking.stop()

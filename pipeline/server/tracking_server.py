@@ -23,6 +23,7 @@ from pathlib import Path
 MLFLOW = Path(sys.executable).parent / "mlflow"
 STARTUP_TIMEOUT_S = 300  # a first start on an empty PostgreSQL runs every migration
 AUTH_CONFIG = "basic_auth.ini"
+AUTH_CACHE_TTL_S = 60
 # Without it MLflow 3 starts GenAI job workers whose background imports keep a 2-core machine
 # busy for minutes; a tracking server for training runs needs none of them.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -41,7 +42,12 @@ def free_port() -> int:
 def write_auth_config(folder: Path, database_uri: str | None = None) -> Path:
     """The basic-auth app's config: users and grants in `database_uri` (default: a SQLite file
     in `folder`), and no access without a grant, so READ and EDIT grants mean something.
-    The admin's password comes from MLFLOW_AUTH_ADMIN_PASSWORD on the first start."""
+    The admin's password comes from MLFLOW_AUTH_ADMIN_PASSWORD on the first start.
+
+    Checking a password (scrypt) costs 0.6 s of CPU here, on every request: a training's
+    requests waited seconds each. A checked login is remembered for AUTH_CACHE_TTL_S per
+    worker; a changed password or a deleted user takes up to that long to reach the other
+    workers."""
     path = folder / AUTH_CONFIG
     path.write_text(
         "[mlflow]\n"
@@ -49,6 +55,7 @@ def write_auth_config(folder: Path, database_uri: str | None = None) -> Path:
         f"database_uri = {database_uri or 'sqlite:///' + str(folder / 'basic_auth.db')}\n"
         "admin_username = admin\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
     )
     return path
 
@@ -165,8 +172,14 @@ def stop_group(pgid: int, reap=lambda: None, grace_s: float = 10) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    """Whether a process of the group still runs. Zombies do not count: an orphaned worker's
+    exit status may never be collected where PID 1 is not an init."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        state, _parent, group = text[text.rindex(")") + 2:].split()[:3]
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
