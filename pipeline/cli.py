@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # a login refused or a server away before any run could start
-        explained = tracking_access.explain(err, tracking.experiment_label(experiment))
+        explained = tracking_access.explain(err, experiment)
         if explained is None:
             raise
         print(f"error: {explained}", file=sys.stderr)

@@ -41,15 +41,6 @@ def use_experiment(name: str | None = None) -> None:
     mlflow.set_experiment(name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
 
 
-def experiment_label(name: str | None = None) -> str:
-    """The experiment this process writes to, as a user would name it in a message (under
-    `mlflow run` only its id may be known)."""
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-    if not name and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return f"with id {os.environ['MLFLOW_EXPERIMENT_ID']}"
-    return repr(name or DEFAULT_EXPERIMENT)
-
-
 def format_param(value: object) -> str:
     """One spelling per value, so runs started either way show identical params."""
     if isinstance(value, bool):
@@ -104,8 +95,7 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     except Exception as err:
         status = "FAILED"
         # A refused login or an unreachable server is the user's to fix: one line, no traceback.
-        explained = None if isinstance(err, PipelineError) else tracking_access.explain(
-            err, experiment_label())
+        explained = None if isinstance(err, PipelineError) else tracking_access.explain(err)
         _best_effort(mlflow.set_tag, ERROR_TAG, error_message(explained or err)[:5000])
         if explained is not None:
             raise explained from err

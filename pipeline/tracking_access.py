@@ -34,8 +34,7 @@ def apply_http_defaults() -> None:
 
 def explain(err: BaseException, experiment: str | None = None) -> PipelineError | None:
     """A one-line PipelineError when `err` is the server refusing a login or a permission,
-    or not answering; None for anything else. `experiment` names it in the message
-    (tracking.experiment_label)."""
+    or not answering; None for anything else. `experiment`: the name the user gave, if any."""
     uri = mlflow.get_tracking_uri()
     status = _http_status(err)
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
@@ -46,7 +45,7 @@ def explain(err: BaseException, experiment: str | None = None) -> PipelineError 
                 f"or no such user): check {LOGIN_VARS}")
         return PipelineError(f"the tracking server {uri} requires a login: set {LOGIN_VARS}")
     if status == 403:
-        where = f"experiment {experiment}" if experiment else "the experiment"
+        where = _experiment(experiment)
         return PipelineError(
             f"the tracking server {uri} denied user {user!r} a write (permission denied): a "
             f"stage needs EDIT on {where} (and on the registered model for compare); ask the "
@@ -58,6 +57,20 @@ def explain(err: BaseException, experiment: str | None = None) -> PipelineError 
             f"(make server) or point MLFLOW_TRACKING_URI at a running one; "
             f"MLFLOW_HTTP_REQUEST_TIMEOUT and MLFLOW_HTTP_REQUEST_MAX_RETRIES set how long to wait")
     return None
+
+
+def _experiment(given: str | None) -> str:
+    """The experiment the write was for, named as the user knows it."""
+    if given:
+        return f"experiment {given!r}"
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")  # set by mlflow.set_experiment too
+    if experiment_id:
+        try:
+            return f"experiment {mlflow.get_experiment(experiment_id).name!r}"
+        except Exception:  # noqa: BLE001 - a name is a courtesy; the id still says which
+            return f"the experiment with id {experiment_id}"
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+    return f"experiment {name!r}" if name else "the experiment"
 
 
 def _http_status(err: BaseException) -> int | None:
