@@ -24,6 +24,7 @@ from conftest import (
     use_new_experiment,
 )
 from mlflow import MlflowClient
+from scipy.special import softmax
 
 from pipeline.cli import stage_params
 from pipeline.config import load_model_config
@@ -227,9 +228,9 @@ def test_train_logs_the_same_dataset_digests_as_the_sample_run(trained: TrainedR
 def test_logged_model_loads_and_predicts_like_the_in_process_model(trained: TrainedRun):
     sample = sample_data.fetch_sample(trained.sample.run_id)
     x_test = sample.test.features()
-    loaded = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
-    assert loaded.metadata.signature is not None
-    predictions = np.asarray(loaded.predict(x_test.numpy()))
+    network = mlflow.pytorch.load_model(f"runs:/{trained.run_id}/model")
+    with torch.no_grad():
+        predictions = network(x_test).numpy()
     assert predictions.shape == (len(x_test), 10)
 
     # Same seed, same data, same process: retraining in-process gives the same network.
@@ -249,6 +250,26 @@ def test_logged_model_loads_and_predicts_like_the_in_process_model(trained: Trai
     accuracy = float((predictions.argmax(1) == sample.test.labels.numpy()).mean())
     final = mlflow.get_run(trained.run_id).data.metrics["final_test_accuracy"]
     assert accuracy == pytest.approx(final, abs=1e-9)
+
+
+def test_the_logged_pyfunc_answers_digits_and_probabilities(trained: TrainedRun):
+    """What `mlflow models serve` serves: per image the digit and 10 probabilities, from raw
+    0-255 pixels, in agreement with the network's logits."""
+    sample = sample_data.fetch_sample(trained.sample.run_id)
+    pixels = sample.test.features().numpy()
+    loaded = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
+    assert loaded.metadata.signature is not None
+    answer = loaded.predict(pixels)
+    assert list(answer.columns) == ["digit", "probabilities"]
+    network = mlflow.pytorch.load_model(f"runs:/{trained.run_id}/model")
+    with torch.no_grad():
+        logits = network(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_array_equal(answer["digit"].to_numpy(), logits.argmax(1))
+    probabilities = np.array(answer["probabilities"].tolist())
+    assert probabilities.shape == (len(pixels), 10)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(probabilities, softmax(logits.astype(np.float64), axis=1),
+                               rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from conftest import (
     download,
@@ -253,7 +254,7 @@ def test_evaluate_logs_per_class_metrics_consistent_with_the_confusion_matrix(
     # The confusion matrix is the model's own predictions on the sample's test split.
     sample = sample_data.fetch_sample(evaluated.shared.sample_id)
     model = mlflow.pyfunc.load_model(f"runs:/{evaluated.source_id}/model")
-    predicted = np.asarray(model.predict(sample.test.features().numpy())).argmax(1)
+    predicted = model.predict(sample.test.features().numpy())["digit"].to_numpy()
     labels = sample.test.labels.numpy()
     expected = np.zeros((10, 10), dtype=int)
     np.add.at(expected, (labels, predicted), 1)
@@ -423,12 +424,12 @@ def test_compare_registers_the_most_accurate_run_as_champion(compared: Compared)
 def test_the_champion_loads_and_predicts_like_its_train_run(compared: Compared):
     sample = sample_data.fetch_sample(compared.shared.sample_id)
     x = sample.test.features().numpy()
-    loaded = mlflow.pyfunc.load_model(f"models:/{compared.model_name}@champion")
-    predictions = np.asarray(loaded.predict(x))
+    loaded = mlflow.pytorch.load_model(f"models:/{compared.model_name}@champion")
+    original = mlflow.pytorch.load_model(f"runs:/{compared.shared.best}/model")
+    with torch.no_grad():
+        predictions, expected = loaded(torch.from_numpy(x)), original(torch.from_numpy(x))
     assert predictions.shape == (len(x), 10)
-    original = np.asarray(
-        mlflow.pyfunc.load_model(f"runs:/{compared.shared.best}/model").predict(x))
-    np.testing.assert_allclose(predictions, original, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(predictions.numpy(), expected.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("suffix", ["@champion", "/1"])
