@@ -24,6 +24,10 @@ PACKAGE = PACKAGE_ROOT.name
 DEFAULT_EXPERIMENT = "mnist-mlp"
 STAGE_TAG = "pipeline.stage"
 CACHE_KEY_TAG = "pipeline.cache_key"
+# Where a train run's model is (MLflow 3 keeps it as a LoggedModel, models:/m-...).
+MODEL_URI_TAG = "pipeline.model_uri"
+# On a main run: the train runs of the study, in order.
+TRAIN_RUNS_TAG = "pipeline.train_run_ids"
 ERROR_TAG = "pipeline.error"
 INTERRUPTED_TAG = "pipeline.interrupted"
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.

@@ -40,7 +40,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from pipeline.cli import stage_params
-from pipeline import registry
+from pipeline import registry, tracking
 from pipeline.errors import PipelineError
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
@@ -599,8 +599,8 @@ def test_the_champion_is_only_challenged_on_the_same_test_sample(experiment, sha
                                                                  weak_run: str):
     """An accuracy on a smaller or other test sample is not comparable: the alias stays."""
     name = unique_model_name("sample")
-    uri = mlflow.get_run(weak_run).data.tags[train.MODEL_URI_TAG]
-    best_uri = mlflow.get_run(shared.best).data.tags[train.MODEL_URI_TAG]
+    uri = mlflow.get_run(weak_run).data.tags[tracking.MODEL_URI_TAG]
+    best_uri = mlflow.get_run(shared.best).data.tags[tracking.MODEL_URI_TAG]
     first = registry.register_best(name, weak_run, uri, "mlp3", 0.50, "sample-a")
     assert first.alias_moved
 
