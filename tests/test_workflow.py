@@ -807,7 +807,7 @@ def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
     parent_id = run_main(study.path, study.data)
     table = stages_table(parent_id).set_index("stage")
     assert table.loc["compare", "reused"]
-    best = mlflow.get_run(table.loc["compare", "run_id"]).data.tags[compare.BEST_RUN_TAG]
+    best = mlflow.get_run(table.loc["compare", "run_id"]).data.tags[registry.BEST_RUN_TAG]
     assert champion(study.model_name).run_id == best
 
     client.delete_registered_model(study.model_name)
