@@ -30,6 +30,10 @@ MODEL_URI_TAG = "pipeline.model_uri"
 TRAIN_RUNS_TAG = "pipeline.train_run_ids"
 ERROR_TAG = "pipeline.error"
 INTERRUPTED_TAG = "pipeline.interrupted"
+# System metrics every 5 s: a one-minute training gets a dozen points, an hour 720 (each sample
+# costs well under 1% of a core; bench/system_metrics_cost.py).
+SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+SYSTEM_METRICS_INTERVAL_S = 5.0
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -64,11 +68,18 @@ def log_params_once(params: dict) -> None:
         mlflow.log_params(missing)
 
 
+def sample_system_metrics() -> None:
+    """Every SYSTEM_METRICS_INTERVAL_S, unless the user set MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL."""
+    if not os.environ.get(SYSTEM_METRICS_INTERVAL_ENV):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
-              resume_run_id: str = "") -> Iterator:
+              resume_run_id: str = "", system_metrics: bool = False) -> Iterator:
     """A run for one stage: nested under the active run if there is one; with
-    `resume_run_id`, that existing run again (its status goes back to RUNNING).
+    `resume_run_id`, that existing run again (its status goes back to RUNNING). With
+    `system_metrics`, MLflow samples CPU, memory, disk, network (and GPU) into `system/*`.
 
     The run ends FINISHED, or FAILED with the error in the `pipeline.error` tag (the user's
     fixable problem as it is, anything else, a bug, with its type), or KILLED when a stop
@@ -80,8 +91,11 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         # The run goes on in its own experiment, whichever one this process selected.
         mlflow.set_experiment(experiment_id=mlflow.get_run(resume_run_id).info.experiment_id)
         _point_launcher_run_to(resume_run_id)
+    if system_metrics:
+        sample_system_metrics()
     run = mlflow.start_run(run_id=resume_run_id or None,
-                           run_name=None if resume_run_id else run_name, nested=nested)
+                           run_name=None if resume_run_id else run_name, nested=nested,
+                           log_system_metrics=True if system_metrics else None)
     status = "FINISHED"
     try:
         _tag_experiment(run)

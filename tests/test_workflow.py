@@ -13,6 +13,8 @@ test_evaluate_a_model_without_mistakes.)
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 from conftest import (
+    REPO_ROOT,
     download,
     assert_failed,
     Experiment,
@@ -31,6 +34,7 @@ from conftest import (
     TinyMnist,
     only_run,
     runs_in,
+    subprocess_env,
     train_overrides,
     use_new_experiment,
     write_idx_labels,
@@ -743,12 +747,26 @@ def test_main_evaluate_children_log_the_studys_sampling_params(study: Study):
         assert run.data.params["samples_per_class"] == str(SAMPLES_PER_CLASS)
 
 
-def test_main_second_invocation_reuses_every_stage(study: Study):
+def test_main_second_invocation_reuses_every_stage_without_importing_torch(
+        study: Study, tracking_store):
     study.activate()
     before = {r.info.run_id for r in runs_in(study.experiment)}
     trains_before = {r.info.run_id for r in runs_in(study.experiment, "train")}
 
-    again = run_main(study.path, study.data)
+    # A process of its own, so that what it imports can be seen (-X importtime lists it all).
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", "main", "--study", str(study.path),
+         "--data_dir", str(study.data.root), "--experiment", study.experiment.name],
+        cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    heavy = {name for name in imported if name.split(".")[0] in ("torch", "torchvision",
+                                                                  "matplotlib", "sklearn")}
+    assert not heavy, f"a fully cached main imported {sorted(heavy)[:5]}"
+    again = result.stdout.strip().splitlines()[-1].removeprefix("main finished: run ")
 
     after = {r.info.run_id for r in runs_in(study.experiment)}
     assert after - before == {again}, "the second invocation started stage runs"

@@ -101,7 +101,7 @@ def run(params: dict) -> str:
     config_name = Path(params["config"]).stem
     tags = {"pipeline.model": config_name}
     with tracking.stage_run(STAGE, stage_keys.train_run_name(params), params, tags,
-                            resume_run_id=params["resume_run_id"]) as run:
+                            resume_run_id=params["resume_run_id"], system_metrics=True) as run:
         config = load_model_config(params["config"])
         mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
         settings = stage_keys.train_settings(params)
