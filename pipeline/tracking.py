@@ -6,6 +6,7 @@ import ast
 import functools
 import hashlib
 import json
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -72,6 +73,8 @@ def sample_system_metrics() -> None:
     """Every SYSTEM_METRICS_INTERVAL_S, unless the user set MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL."""
     if not os.environ.get(SYSTEM_METRICS_INTERVAL_ENV):
         mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    # Its start and stop lines would sit between the epoch lines of every training.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
 @contextmanager
