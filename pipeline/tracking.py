@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +78,26 @@ def sample_system_metrics() -> None:
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
 
 
+def _monitor_system(run_id: str, resumed: bool):
+    """MLflow's system-metrics sampler for this run, held here rather than by start_run, so
+    that a failing or interrupted run need not wait for it (see _stop_monitor)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    sample_system_metrics()
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed)
+    monitor.start()
+    return monitor
+
+
+def _stop_monitor(monitor, wait: bool) -> None:
+    """Stop sampling. A run that failed or was stopped does not wait: the sampler may be inside
+    a tracking call retrying against a server that is gone, for minutes."""
+    if wait:
+        monitor.finish()
+    else:
+        threading.Thread(target=monitor.finish, daemon=True, name="system-metrics-stop").start()
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
               resume_run_id: str = "", system_metrics: bool = False) -> Iterator:
@@ -94,11 +115,9 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         # The run goes on in its own experiment, whichever one this process selected.
         mlflow.set_experiment(experiment_id=mlflow.get_run(resume_run_id).info.experiment_id)
         _point_launcher_run_to(resume_run_id)
-    if system_metrics:
-        sample_system_metrics()
     run = mlflow.start_run(run_id=resume_run_id or None,
-                           run_name=None if resume_run_id else run_name, nested=nested,
-                           log_system_metrics=True if system_metrics else None)
+                           run_name=None if resume_run_id else run_name, nested=nested)
+    monitor = _monitor_system(run.info.run_id, bool(resume_run_id)) if system_metrics else None
     status = "FINISHED"
     try:
         _tag_experiment(run)
@@ -117,6 +136,8 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         _best_effort(mlflow.set_tag, ERROR_TAG, error_message(err)[:5000])
         raise
     finally:
+        if monitor is not None:
+            _stop_monitor(monitor, wait=status == "FINISHED")
         if status == "FINISHED":
             mlflow.end_run(status)
         else:  # an unreachable store must not hide why the run stopped
