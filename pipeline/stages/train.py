@@ -105,6 +105,10 @@ def run(params: dict) -> str:
         config = load_model_config(params["config"])
         mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
         settings = stage_keys.train_settings(params)
+        if settings.device.startswith("cuda") and not torch.cuda.is_available():
+            raise PipelineError(f"device={params['device']}: the NVIDIA driver shows a GPU but "
+                                f"torch {torch.__version__} cannot use it (driver too old for its "
+                                f"CUDA {torch.version.cuda}?); pass device=cpu")
         if resume:
             data_run_id = resume.checkpoint["meta"]["params"]["sample_run_id"]
         else:
