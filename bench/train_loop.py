@@ -23,6 +23,7 @@ from torch import nn, optim  # noqa: E402
 
 from pipeline.config import load_model_config  # noqa: E402
 from pipeline.data import draw_sample  # noqa: E402
+from pipeline.metric_writer import MetricWriter  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.stages.train import _log_epoch  # noqa: E402
 from pipeline.training import TrainSettings, train  # noqa: E402
@@ -32,14 +33,16 @@ from seed_notebook import MLP3, MLP4, load_seed_data, seed_epoch  # noqa: E402
 def our_epoch_times(model, sample, settings, run_id):
     """Wall time between successive epoch ends, logging and console line included."""
     marks, history = [time.perf_counter()], []
-    client = mlflow.MlflowClient()
+    writer = MetricWriter(mlflow.MlflowClient(), run_id)
 
     def on_epoch(record):
-        _log_epoch(client, run_id, record, settings.epochs, history)
+        _log_epoch(writer, record, settings.epochs, history, {})
         marks.append(time.perf_counter())
 
     train(model, (sample.train.features(), sample.train.labels),
           (sample.test.features(), sample.test.labels), settings, on_epoch)
+    writer.flush()
+    writer.close()
     return [b - a for a, b in zip(marks, marks[1:])], history
 
 

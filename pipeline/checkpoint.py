@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -211,63 +210,3 @@ def _clone(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_clone(item) for item in value)
     return value
-
-
-class BackgroundCheckpointWriter:
-    """An on_checkpoint callback that writes checkpoints in a background thread.
-
-    The callback clones the state (a few ms for mlp4), since the live tensors change as soon as
-    it returns, and a thread writes the copy with save_checkpoint while training goes on. At most
-    one write is in flight: a checkpoint first waits for the previous write, so a slow disk
-    slows training instead of piling up copies, and a failed write raises at the next checkpoint
-    or at close(). Until close() returns the newest checkpoint may not be on disk yet, so close it
-    (or use it as a context manager) once train() has returned, and before relying on the file.
-    One writer per path: two processes writing the same path each write a whole file, and the
-    last rename wins.
-    """
-
-    def __init__(self, path: str | Path, meta: dict):
-        _check_plain(meta, "meta")  # here, not in the thread: a bad meta is the caller's bug
-        self.path, self.meta = Path(path), meta
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def __call__(self, state: dict) -> None:
-        copy = clone_state(state)
-        self._wait()
-        self._thread = threading.Thread(target=self._run, args=(copy,), name="checkpoint-writer")
-        self._thread.start()
-
-    def _run(self, state: dict) -> None:
-        try:
-            self._write(state)
-        except BaseException as err:  # handed to the training thread by _wait()
-            self._error = err
-
-    def _write(self, state: dict) -> None:
-        save_checkpoint(self.path, state, self.meta)
-
-    def _wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def close(self) -> None:
-        """Wait for the last write; raise its error, if it failed."""
-        self._wait()
-
-    def __enter__(self) -> "BackgroundCheckpointWriter":
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.close()
-            return
-        # Training failed: still let the last write land, but report training's error.
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - the exception already under way says more
-            pass

@@ -6,6 +6,9 @@ UPLOAD_INTERVAL_ENV seconds, run in a background thread, so training waits neith
 nor on the tracking server's artifact store. Only the newest checkpoint matters: older ones not
 yet written or uploaded are skipped, not queued. The local file stays until the run
 finishes and is uploaded, so a run whose server went away can still be resumed here.
+
+pipeline.checkpoint (and with it torch) is imported where a checkpoint is read or written, not
+here: `main` asks has_checkpoint() on its torch-free path (see pipeline.stage_keys).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 import mlflow
 
 from pipeline import interrupts
-from pipeline.checkpoint import clone_state, load_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
 from pipeline.file_digests import cache_root
 
@@ -70,6 +72,8 @@ class CheckpointStore:
         self._worker.start()
 
     def save(self, state: dict, meta: dict) -> None:
+        from pipeline.checkpoint import clone_state
+
         with interrupts.deferred():  # a stop signal waits for a complete copy
             copy = clone_state(state)
         with self._wake:
@@ -106,6 +110,8 @@ class CheckpointStore:
                 return  # the last try failed: the local copy stays
 
     def _write(self, state: dict, meta: dict) -> None:
+        from pipeline.checkpoint import save_checkpoint
+
         try:
             save_checkpoint(self.path, state, meta)
         except Exception as err:  # noqa: BLE001 - reported by close(); training goes on
@@ -153,6 +159,8 @@ class CheckpointStore:
 def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
     """The newest checkpoint of a run and where it came from: the local copy (at least as new
     as the uploaded one) when this machine has it, else the run's artifact."""
+    from pipeline.checkpoint import load_checkpoint
+
     local = local_dir(run_id) / FILE_NAME
     if local.is_file():
         return load_checkpoint(local), str(local)

@@ -64,15 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for stage, point in entry_points().items():
-        sub = stages.add_parser(stage, help=f"run the {stage} stage", allow_abbrev=False)
+        described = point.get("description", f"Run the {stage} stage.")
+        # argparse expands %-formats in help texts (not in descriptions).
+        sub = stages.add_parser(stage, help=described.replace("%", "%%"), description=described,
+                                allow_abbrev=False)
         sub.add_argument(
-            "--experiment", default=None,
-            help="MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or mnist-mlp)",
+            "--experiment", default=None, metavar="NAME",
+            help="MLflow experiment to log into (default: $MLFLOW_EXPERIMENT_NAME or mnist-mlp)",
         )
         for name, spec in point.get("parameters", {}).items():
+            kind = spec.get("type", "string")
+            shown = f"'{spec.get('default')}'" if kind == "string" else spec.get("default")
             sub.add_argument(
-                f"--{name}", default=spec.get("default"),
-                help=f"{spec.get('type', 'string')}, default {spec.get('default')!r}",
+                f"--{name}", default=spec.get("default"), metavar=kind.upper(),
+                help=f"{spec.get('help', '')} ({kind}, default {shown})".replace("%", "%%"),
             )
     return parser
 
@@ -92,15 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except interrupts.Interrupted as stop:
+        print(interrupted_message(stage, stop), file=sys.stderr, flush=True)
+        return stop.exit_code
     except Exception as err:  # a login refused or a server away before any run could start
         explained = tracking_access.explain(err, experiment)
         if explained is None:
             raise
         print(f"error: {explained}", file=sys.stderr)
         return 2
-    except interrupts.Interrupted as stop:
-        print(interrupted_message(stage, stop), file=sys.stderr, flush=True)
-        return stop.exit_code
     print(f"{stage} finished: run {run_id}")
     return 0
 

@@ -13,9 +13,9 @@ import torch
 from torchvision.datasets import MNIST
 
 from pipeline.errors import PipelineError
+from pipeline.sampling import ALL, SAMPLING_METHODS
 
 SPLITS = ("train", "test")
-SAMPLING_METHODS = ("first", "random")
 NUM_CLASSES = 10
 IMAGE_PIXELS = 28 * 28
 
@@ -97,7 +97,7 @@ def _corrupt_message(raw: Path, err: object) -> str:
 
 def per_class_indices(
     targets: torch.Tensor,
-    samples_per_class: int,
+    samples_per_class: int | None,
     sampling: str = "first",
     seed: int = 0,
 ) -> torch.Tensor:
@@ -105,23 +105,28 @@ def per_class_indices(
 
     `first` takes the first N of each class in dataset order, as the seed notebook does;
     `random` draws N per class with a seeded generator (kept in dataset order within a class).
+    None takes every item, in dataset order.
     """
-    if samples_per_class < 1:
-        raise PipelineError(f"samples_per_class must be at least 1, got {samples_per_class}")
     if sampling not in SAMPLING_METHODS:
         raise PipelineError(
             f"unknown sampling {sampling!r}: use one of {', '.join(SAMPLING_METHODS)}"
+        )
+    if samples_per_class is None:
+        return torch.arange(len(targets))
+    if samples_per_class < 1:
+        raise PipelineError(f"samples_per_class must be at least 1, got {samples_per_class}")
+    counts = torch.bincount(targets, minlength=NUM_CLASSES)
+    scarcest = int(counts.argmin())
+    if counts[scarcest] < samples_per_class:
+        raise PipelineError(
+            f"digit {scarcest} has only {int(counts[scarcest])} images in this split, the fewest "
+            f"of any digit, so samples_per_class={samples_per_class} is too many: use at most "
+            f"{int(counts[scarcest])}, or samples_per_class={ALL} for the whole (unbalanced) split"
         )
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for digit in range(NUM_CLASSES):
         members = (targets == digit).nonzero().flatten()
-        if len(members) < samples_per_class:
-            raise PipelineError(
-                f"digit {digit} has only {len(members)} images in this split, fewer than "
-                f"samples_per_class={samples_per_class}; lower samples_per_class to at most "
-                f"{int(torch.bincount(targets, minlength=NUM_CLASSES).min())}"
-            )
         if sampling == "first":
             chosen.append(members[:samples_per_class])
         else:
@@ -132,12 +137,12 @@ def per_class_indices(
 
 def draw_sample(
     root: str | Path,
-    samples_per_class: int,
+    samples_per_class: int | None,
     sampling: str = "first",
     seed: int = 0,
     download: bool = True,
 ) -> Sample:
-    """The balanced sample of both MNIST splits."""
+    """The balanced sample of both MNIST splits (None per class: both splits whole)."""
     splits = {}
     for offset, name in enumerate(SPLITS):
         dataset = load_mnist(root, train=(name == "train"), download=download)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from pipeline import tracking
 from pipeline.errors import PipelineError
 
 CHAMPION = "champion"
@@ -15,6 +16,8 @@ OWNER = "mnist-mlp-pipeline"
 ACCURACY_TAG = "test_accuracy"
 # The digest MLflow gave the test split the accuracy was measured on (the run's dataset input).
 SAMPLE_TAG = "test_sample_digest"
+# On a compare run: the train run whose model it registered.
+BEST_RUN_TAG = "pipeline.best_run_id"
 
 
 @dataclass(frozen=True)
@@ -81,3 +84,44 @@ def register_best(
         client.set_registered_model_alias(name, CHAMPION, version.version)
         return Registration(name, str(version.version), str(version.version), True)
     return Registration(name, str(version.version), str(champion.version), False)
+
+
+def register(registered_model_name: str, train_run_id: str) -> Registration:
+    """Register a train run's model and let it compete for the alias."""
+    trained = mlflow.get_run(train_run_id)
+    model_uri = trained.data.tags.get(tracking.MODEL_URI_TAG)
+    if not model_uri:
+        raise PipelineError(f"train run {train_run_id} logged no model (log_model=false); "
+                            f"pass register=false or retrain with log_model=true")
+    config = trained.data.params.get("model_config", "")
+    result = register_best(
+        registered_model_name, train_run_id, model_uri, config,
+        float(trained.data.metrics["final_test_accuracy"]), test_sample_digest(trained),
+    )
+    print(f"registered {config} ({train_run_id}) as {result.name} version {result.version}; "
+          f"champion is version {result.champion_version}"
+          f"{' (alias moved)' if result.alias_moved else ''}")
+    if result.note:
+        print(f"note: {result.note}")
+    return result
+
+
+def test_sample_digest(run) -> str:
+    """The digest of the test split a train run was scored on (its `testing` dataset input)."""
+    for item in run.inputs.dataset_inputs:
+        if {t.key: t.value for t in item.tags}.get("mlflow.data.context") == "testing":
+            return item.dataset.digest
+    raise PipelineError(f"train run {run.info.run_id} records no test dataset input, so its "
+                        f"accuracy cannot be compared with the champion's; retrain it")
+
+
+def restore_registration(compare_run) -> None:
+    """For a reused compare run: put back a deleted version or a moved alias.
+
+    The registry is not part of compare's cache key (it changes outside any run), so a reused
+    compare re-checks it.
+    """
+    params = compare_run.data.params
+    best = compare_run.data.tags.get(BEST_RUN_TAG)
+    if params.get("register", "true") == "true" and best:
+        register(params["registered_model_name"], best)

@@ -6,7 +6,9 @@ import ast
 import functools
 import hashlib
 import json
+import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +27,16 @@ PACKAGE = PACKAGE_ROOT.name
 DEFAULT_EXPERIMENT = "mnist-mlp"
 STAGE_TAG = "pipeline.stage"
 CACHE_KEY_TAG = "pipeline.cache_key"
+# Where a train run's model is (MLflow 3 keeps it as a LoggedModel, models:/m-...).
+MODEL_URI_TAG = "pipeline.model_uri"
+# On a main run: the train runs of the study, in order.
+TRAIN_RUNS_TAG = "pipeline.train_run_ids"
 ERROR_TAG = "pipeline.error"
 INTERRUPTED_TAG = "pipeline.interrupted"
+# System metrics every 5 s: a one-minute training gets a dozen points, an hour 720 (each sample
+# costs well under 1% of a core; bench/system_metrics_cost.py).
+SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+SYSTEM_METRICS_INTERVAL_S = 5.0
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -61,11 +71,40 @@ def log_params_once(params: dict) -> None:
         mlflow.log_params(missing)
 
 
+def sample_system_metrics() -> None:
+    """Every SYSTEM_METRICS_INTERVAL_S, unless the user set MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL."""
+    if not os.environ.get(SYSTEM_METRICS_INTERVAL_ENV):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+    # Its start and stop lines would sit between the epoch lines of every training.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+def _monitor_system(run_id: str, resumed: bool):
+    """MLflow's system-metrics sampler for this run, held here rather than by start_run, so
+    that a failing or interrupted run need not wait for it (see _stop_monitor)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    sample_system_metrics()
+    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed)
+    monitor.start()
+    return monitor
+
+
+def _stop_monitor(monitor, wait: bool) -> None:
+    """Stop sampling. A run that failed or was stopped does not wait: the sampler may be inside
+    a tracking call retrying against a server that is gone, for minutes."""
+    if wait:
+        monitor.finish()
+    else:
+        threading.Thread(target=monitor.finish, daemon=True, name="system-metrics-stop").start()
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
-              resume_run_id: str = "") -> Iterator:
+              resume_run_id: str = "", system_metrics: bool = False) -> Iterator:
     """A run for one stage: nested under the active run if there is one; with
-    `resume_run_id`, that existing run again (its status goes back to RUNNING).
+    `resume_run_id`, that existing run again (its status goes back to RUNNING). With
+    `system_metrics`, MLflow samples CPU, memory, disk, network (and GPU) into `system/*`.
 
     The run ends FINISHED, or FAILED with the error in the `pipeline.error` tag (the user's
     fixable problem as it is, anything else, a bug, with its type), or KILLED when a stop
@@ -79,6 +118,7 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         _point_launcher_run_to(resume_run_id)
     run = mlflow.start_run(run_id=resume_run_id or None,
                            run_name=None if resume_run_id else run_name, nested=nested)
+    monitor = _monitor_system(run.info.run_id, bool(resume_run_id)) if system_metrics else None
     status = "FINISHED"
     try:
         _tag_experiment(run)
@@ -101,6 +141,8 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
             raise explained from err
         raise
     finally:
+        if monitor is not None:
+            _stop_monitor(monitor, wait=status == "FINISHED")
         if status == "FINISHED":
             mlflow.end_run(status)
         else:  # an unreachable store must not hide why the run stopped

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,50 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.train_settings import TrainSettings
 
-PRECISIONS = ("fp32", "bf16")
 METRIC_NAMES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")
 
 
 class TrainingDiverged(PipelineError):
     """The loss stopped being a finite number."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    seed: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-    # Eval runs in chunks: large enough for efficient matmuls, small enough to stay in cache.
-    eval_batch_size: int = 2000
-
-    def validate(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise PipelineError(f"lr must be a positive number, got {self.lr}")
-        if not 0 <= self.momentum < 1:
-            raise PipelineError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.precision not in PRECISIONS:
-            raise PipelineError(
-                f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}"
-            )
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` takes a GPU when there is one."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested not in ("cpu", "cuda") and not requested.startswith("cuda:"):
-        raise PipelineError(f"unknown device {requested!r}: use auto, cpu or cuda")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"device={requested} but no CUDA GPU is visible; use device=auto or cpu")
-    return requested
 
 
 def _autocast(settings: TrainSettings):

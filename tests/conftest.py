@@ -11,6 +11,11 @@ import os
 
 # Before mlflow is imported anywhere: no telemetry from test runs.
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+# The tests' tensors are tiny: one thread is faster, and two OpenMP threads spin-waiting on a
+# 2-core machine that is busy with anything else slow a 0.02 s epoch down to over a second.
+# The train stage runs with the threads this names (pipeline.machine), here and in the stage
+# processes the tests start.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import re  # noqa: E402
 import struct  # noqa: E402
@@ -24,8 +29,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# The tests' tensors are tiny: one thread is faster, and two OpenMP threads spin-waiting on a
-# 2-core machine that is busy with anything else slow a 0.02 s epoch down to over a second.
 torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, write_tiny_mnist
 
-from pipeline import file_digests, machine, tracking
+from pipeline import file_digests, machine, stage_keys, tracking
 from pipeline.cli import stage_params
-from pipeline.stages import sample_data, train
+from pipeline.errors import PipelineError
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_editing_a_module_no_stage_imports_changes_no_key(package_copy):
 
 
 def sample_key(root) -> str:
-    return sample_data.cache_key(stage_params("sample_data", {"data_dir": str(root)}))
+    return stage_keys.sample_data_key(stage_params("sample_data", {"data_dir": str(root)}))
 
 
 def test_raw_files_enter_the_sample_key_by_content(tmp_path):
@@ -98,23 +98,33 @@ def test_a_file_digest_is_hashed_once_while_size_and_mtime_hold(tmp_path, monkey
 
 
 def train_key(**overrides) -> str:
-    return train.cache_key(stage_params("train", {"device": "cpu", **overrides}), "sample-run")
+    return stage_keys.train_key(stage_params("train", {"device": "cpu", **overrides}), "sample-run")
 
 
 def test_train_key_changes_with_what_changes_the_bits(monkeypatch):
     key = train_key()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads + 1)
-        assert train_key() != key, "the thread count changes the sums' order"
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(machine.torch_threads() + 1))
+    assert train_key() != key, "the thread count changes the sums' order"
+    monkeypatch.undo()
     assert train_key() == key
-    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    monkeypatch.setattr(machine, "torch_build", lambda: {"version": "0.0.0-other", "cuda": None})
     assert train_key() != key
     monkeypatch.undo()
     monkeypatch.setattr(machine, "cpu_model", lambda: "another processor")
     assert train_key() != key
+
+
+def test_the_torch_build_is_read_without_importing_torch():
+    assert machine.torch_build()["version"] == torch.__version__
+    assert machine.torch_build()["cuda"] == torch.version.cuda
+
+
+def test_the_thread_count_comes_from_omp_num_threads(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert machine.numerics("cpu")["torch_threads"] == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(PipelineError, match="OMP_NUM_THREADS='many'"):
+        machine.numerics("cpu")
 
 
 def test_train_key_changes_with_the_configs_content_not_its_name(tmp_path):

@@ -9,14 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from torch import nn
 
 from pipeline import checkpoint as checkpoint_module
+from pipeline import checkpoint_store
+from pipeline.checkpoint_store import CheckpointStore
 from pipeline.checkpoint import (
     KEYS,
-    BackgroundCheckpointWriter,
     TRAINING_KEYS,
     clone_state,
     load_checkpoint,
@@ -480,63 +482,43 @@ def test_a_missing_checkpoint_is_a_pipeline_error(folder):
 # --------------------------------------------------------------------------------------------
 
 
-def slow_saves(monkeypatch, seconds: float = 0.2):
-    """save_checkpoint, but slow, and each state to its own file named after epochs_done."""
+def slow_saves(monkeypatch, copies: Path, seconds: float = 0.2):
+    """save_checkpoint, but slow, keeping a copy of each state named after its epochs_done."""
     real_save = checkpoint_module.save_checkpoint
 
     def save(path, state, meta):
         time.sleep(seconds)  # training goes on meanwhile, overwriting the live tensors
-        real_save(Path(path).with_name(f"after-{state['epochs_done']}.pt"), state, meta)
+        real_save(copies / f"after-{state['epochs_done']}.pt", state, meta)
+        real_save(path, state, meta)
 
     monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
 
 
-def test_the_background_writer_saves_each_state_as_it_was_handed_over(tiny_data, folder,
-                                                                      monkeypatch):
-    slow_saves(monkeypatch)
-    kept = []
+def test_the_checkpoint_store_writes_each_state_as_it_was_handed_over(tiny_data, folder,
+                                                                      experiment, monkeypatch):
+    slow_saves(monkeypatch, folder)
+    kept = {}
     model = fresh_model("tiny_mlp")
-    with BackgroundCheckpointWriter(folder / "checkpoint.pt", META) as writer:
-        train(model, *tiny_data, settings(2),
-              on_checkpoint=lambda state: (kept.append(clone_state(state)), writer(state)))
-    for state in kept:
-        saved = load_checkpoint(folder / f"after-{state['epochs_done']}.pt")
+    run_id = mlflow.MlflowClient().create_run(experiment.id).info.run_id
+    store = CheckpointStore(run_id)
+
+    def checkpoint(state):
+        kept[state["epochs_done"]] = clone_state(state)
+        store.save(state, META)
+
+    train(model, *tiny_data, settings(3), on_checkpoint=checkpoint)
+    store.close()
+    written = sorted(folder.glob("after-*.pt"))
+    assert folder / "after-3.pt" in written, "the newest state is always written"
+    for path in written:
+        saved = load_checkpoint(path)
         assert saved["meta"] == META
-        assert saved["history"] == state["history"]
-        assert_same_state(saved["model"], state["model"])
-    assert_same_state(load_checkpoint(folder / "after-2.pt")["model"], model.state_dict())
-
-
-def test_a_failed_background_write_raises_at_the_next_checkpoint(tiny_data, folder,
-                                                                 monkeypatch):
-    def fail(path, state, meta):
-        raise PipelineError(f"could not write the checkpoint {path}")
-
-    monkeypatch.setattr(checkpoint_module, "save_checkpoint", fail)
-    seen = []
-    writer = BackgroundCheckpointWriter(folder / "checkpoint.pt", META)
-    with pytest.raises(PipelineError, match="could not write the checkpoint"):
-        train(fresh_model("tiny_mlp"), *tiny_data, settings(3), seen.append,
-              on_checkpoint=writer)
-    assert [r["epoch"] for r in seen] == [1, 2], "epoch 2's checkpoint found epoch 1's failure"
-    writer.close()  # the error was reported once, not again
-
-
-def test_closing_the_background_writer_raises_the_last_writes_error(two_epoch_state, folder,
-                                                                    monkeypatch):
-    def fail(path, state, meta):
-        raise PipelineError("disk full")
-
-    monkeypatch.setattr(checkpoint_module, "save_checkpoint", fail)
-    writer = BackgroundCheckpointWriter(folder / "checkpoint.pt", META)
-    writer(two_epoch_state)
-    with pytest.raises(PipelineError, match="disk full"):
-        writer.close()
-
-
-def test_the_background_writer_checks_meta_at_once(folder):
-    with pytest.raises(TypeError, match="meta"):
-        BackgroundCheckpointWriter(folder / "checkpoint.pt", {"when": object()})
+        assert saved["history"] == kept[saved["epochs_done"]]["history"]
+        assert_same_state(saved["model"], kept[saved["epochs_done"]]["model"])
+    assert_same_state(load_checkpoint(folder / "after-3.pt")["model"], model.state_dict())
+    uploaded = mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                   artifact_path=checkpoint_store.ARTIFACT_PATH)
+    assert load_checkpoint(uploaded)["epochs_done"] == 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,9 +62,9 @@ def test_train_defaults_are_the_seeds():
     )
     assert params["normalize"] is False
     assert params["config"] == "experiments/mlp3.yaml"
-    assert (params["samples_per_class"], params["sampling"]) == (600, "first")
+    assert (params["samples_per_class"], params["sampling"]) == ("600", "first")
     sample = stage_params("sample_data")
-    assert (sample["samples_per_class"], sample["sampling"]) == (600, "first")
+    assert (sample["samples_per_class"], sample["sampling"]) == ("600", "first")
 
 
 def test_stage_params_convert_types():
@@ -101,6 +101,20 @@ def test_cli_bad_type_exits_2_with_a_one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
     assert err.startswith("error: train: parameter epochs must be of type int")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_help_says_what_every_parameter_means_with_its_type_and_default(stage, capsys):
+    point = MLPROJECT["entry_points"][stage]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([stage, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert " ".join(point["description"].split()) in text
+    for name, spec in point["parameters"].items():
+        meaning = " ".join(str(spec.get("help", "")).split())
+        assert len(meaning) > 10, f"MLproject: {stage}.{name} needs a `help:` that says what it means"
+        default = f"'{spec['default']}'" if spec["type"] == "string" else spec["default"]
+        assert f"--{name} {spec['type'].upper()} {meaning} ({spec['type']}, default {default})" in text
 
 
 def test_help_lists_the_stages():

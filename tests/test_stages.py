@@ -462,3 +462,12 @@ def test_an_unexpected_error_fails_the_run_and_names_itself(experiment, sample_r
     with pytest.raises(RuntimeError):
         train.run(stage_params("train", train_overrides(sample_run)))
     assert_failed(only_run(experiment, "train"), "RuntimeError: simulated bug")
+
+
+def test_train_logs_system_metrics_for_the_ui(experiment, sample_run, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # a 1 s training
+    run_id = train.run(stage_params("train", train_overrides(sample_run, epochs=3)))
+    metrics = mlflow.get_run(run_id).data.metrics
+    for name in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        assert name in metrics, sorted(metrics)
+        assert len(history_of(run_id, name)) >= 1

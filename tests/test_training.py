@@ -13,13 +13,13 @@ from torch import nn
 from pipeline.config import load_model_config
 from pipeline.data import draw_sample
 from pipeline.errors import PipelineError
+from pipeline.machine import resolve_device
 from pipeline.models import build_model
 from pipeline.training import (
     METRIC_NAMES,
     TrainingDiverged,
     TrainSettings,
     per_example_results,
-    resolve_device,
     train,
 )
 
@@ -223,11 +223,13 @@ def test_invalid_settings_are_rejected_naming_the_parameter(tiny_data, field, va
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "model changed"
 
 
-def test_resolve_device():
+def test_resolve_device_agrees_with_torch_without_importing_it(monkeypatch):
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(PipelineError, match="unknown device 'tpu'"):
         resolve_device("tpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # GPUs hidden, as torch would see them
+    assert resolve_device("auto") == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -13,6 +13,8 @@ test_evaluate_a_model_without_mistakes.)
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    REPO_ROOT,
     download,
     assert_failed,
     Experiment,
@@ -32,6 +35,7 @@ from conftest import (
     TinyMnist,
     only_run,
     runs_in,
+    subprocess_env,
     train_overrides,
     use_new_experiment,
     write_idx_labels,
@@ -41,7 +45,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from pipeline.cli import stage_params
-from pipeline import registry
+from pipeline import registry, tracking
 from pipeline.errors import PipelineError
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
@@ -600,8 +604,8 @@ def test_the_champion_is_only_challenged_on_the_same_test_sample(experiment, sha
                                                                  weak_run: str):
     """An accuracy on a smaller or other test sample is not comparable: the alias stays."""
     name = unique_model_name("sample")
-    uri = mlflow.get_run(weak_run).data.tags[train.MODEL_URI_TAG]
-    best_uri = mlflow.get_run(shared.best).data.tags[train.MODEL_URI_TAG]
+    uri = mlflow.get_run(weak_run).data.tags[tracking.MODEL_URI_TAG]
+    best_uri = mlflow.get_run(shared.best).data.tags[tracking.MODEL_URI_TAG]
     first = registry.register_best(name, weak_run, uri, "mlp3", 0.50, "sample-a")
     assert first.alias_moved
 
@@ -744,12 +748,26 @@ def test_main_evaluate_children_log_the_studys_sampling_params(study: Study):
         assert run.data.params["samples_per_class"] == str(SAMPLES_PER_CLASS)
 
 
-def test_main_second_invocation_reuses_every_stage(study: Study):
+def test_main_second_invocation_reuses_every_stage_without_importing_torch(
+        study: Study, tracking_store):
     study.activate()
     before = {r.info.run_id for r in runs_in(study.experiment)}
     trains_before = {r.info.run_id for r in runs_in(study.experiment, "train")}
 
-    again = run_main(study.path, study.data)
+    # A process of its own, so that what it imports can be seen (-X importtime lists it all).
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", "main", "--study", str(study.path),
+         "--data_dir", str(study.data.root), "--experiment", study.experiment.name],
+        cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    heavy = {name for name in imported if name.split(".")[0] in ("torch", "torchvision",
+                                                                  "matplotlib", "sklearn")}
+    assert not heavy, f"a fully cached main imported {sorted(heavy)[:5]}"
+    again = result.stdout.strip().splitlines()[-1].removeprefix("main finished: run ")
 
     after = {r.info.run_id for r in runs_in(study.experiment)}
     assert after - before == {again}, "the second invocation started stage runs"
@@ -808,7 +826,7 @@ def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
     parent_id = run_main(study.path, study.data)
     table = stages_table(parent_id).set_index("stage")
     assert table.loc["compare", "reused"]
-    best = mlflow.get_run(table.loc["compare", "run_id"]).data.tags[compare.BEST_RUN_TAG]
+    best = mlflow.get_run(table.loc["compare", "run_id"]).data.tags[registry.BEST_RUN_TAG]
     assert champion(study.model_name).run_id == best
 
     client.delete_registered_model(study.model_name)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import mlflow
 import pandas as pd
 
-from pipeline import plots, registry, tracking
+from pipeline import plots, registry, stage_keys, tracking
 from pipeline.comparison import (
     RunRecord, config_table, conclusion, pairwise_tests, readable_table, run_table,
 )
 from pipeline.errors import PipelineError
-from pipeline.stages import train
 from pipeline.training import METRIC_NAMES
 
 STAGE = "compare"
-TRAIN_RUNS_TAG = "pipeline.train_run_ids"
-BEST_RUN_TAG = "pipeline.best_run_id"
 FIGURES = {
     "accuracy.png": ({"test_accuracy": "-", "train_accuracy": "--"}, "Accuracy", "accuracy"),
     "loss.png": ({"test_loss": "-", "train_loss": "--"}, "Loss", "loss"),
@@ -33,7 +30,7 @@ def select_runs(params: dict) -> tuple[list, list[str]]:
         return [tracking.get_stage_run(i, "train", "run_ids") for i in split_ids(params["run_ids"])], []
     if params["parent_run_id"]:
         parent = tracking.get_run(params["parent_run_id"], "parent_run_id")
-        recorded = parent.data.tags.get(TRAIN_RUNS_TAG)
+        recorded = parent.data.tags.get(tracking.TRAIN_RUNS_TAG)
         if recorded:
             return [tracking.get_stage_run(i, "train", "parent's train run") for i in split_ids(recorded)], []
         candidates = mlflow.search_runs(
@@ -101,12 +98,6 @@ def length_notes(runs: pd.DataFrame) -> list[str]:
     return []
 
 
-def cache_key(params: dict, train_run_ids: list[str]) -> str:
-    identity = {"runs": sorted(train_run_ids), "name": params["registered_model_name"],
-                "register": params["register"]}
-    return tracking.cache_key(STAGE, identity, __name__)
-
-
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "compare", params) as run:
         selected, notes = select_runs(params)
@@ -124,7 +115,7 @@ def run(params: dict) -> str:
         mlflow.set_tags({
             "mlflow.runName": "compare-" + "-vs-".join(configs.index),
             "mlflow.note.content": text,
-            tracking.CACHE_KEY_TAG: cache_key(params, list(runs["run_id"])),
+            tracking.CACHE_KEY_TAG: stage_keys.compare_key(params, list(runs["run_id"])),
         })
         tracking.log_params_once({"compared_runs": len(runs), "compared_configs": ",".join(configs.index)})
         _log_tables(runs, configs, pairs, text)
@@ -134,52 +125,11 @@ def run(params: dict) -> str:
                                 f"{config}.epochs_to_converge": row.epochs_to_converge})
         if params["register"]:
             best = runs.loc[runs["final_test_accuracy"].idxmax()]
-            mlflow.set_tag(BEST_RUN_TAG, best.run_id)
-            result = register(params["registered_model_name"], best.run_id)
+            mlflow.set_tag(registry.BEST_RUN_TAG, best.run_id)
+            result = registry.register(params["registered_model_name"], best.run_id)
             mlflow.set_tags({"pipeline.registered_version": result.version,
                              "pipeline.champion_version": result.champion_version})
         return run.info.run_id
-
-
-def register(registered_model_name: str, train_run_id: str) -> registry.Registration:
-    """Register a train run's model and let it compete for the alias."""
-    trained = mlflow.get_run(train_run_id)
-    model_uri = trained.data.tags.get(train.MODEL_URI_TAG)
-    if not model_uri:
-        raise PipelineError(f"train run {train_run_id} logged no model (log_model=false); "
-                            f"pass register=false or retrain with log_model=true")
-    config = trained.data.params.get("model_config", "")
-    result = registry.register_best(
-        registered_model_name, train_run_id, model_uri, config,
-        float(trained.data.metrics["final_test_accuracy"]), test_sample_digest(trained),
-    )
-    print(f"registered {config} ({train_run_id}) as {result.name} version {result.version}; "
-          f"champion is version {result.champion_version}"
-          f"{' (alias moved)' if result.alias_moved else ''}")
-    if result.note:
-        print(f"note: {result.note}")
-    return result
-
-
-def test_sample_digest(run) -> str:
-    """The digest of the test split a train run was scored on (its `testing` dataset input)."""
-    for item in run.inputs.dataset_inputs:
-        if {t.key: t.value for t in item.tags}.get("mlflow.data.context") == "testing":
-            return item.dataset.digest
-    raise PipelineError(f"train run {run.info.run_id} records no test dataset input, so its "
-                        f"accuracy cannot be compared with the champion's; retrain it")
-
-
-def restore_registration(compare_run) -> None:
-    """For a reused compare run: put back a deleted version or a moved alias.
-
-    The registry is not part of compare's cache key (it changes outside any run), so a reused
-    compare re-checks it.
-    """
-    params = compare_run.data.params
-    best = compare_run.data.tags.get(BEST_RUN_TAG)
-    if params.get("register", "true") == "true" and best:
-        register(params["registered_model_name"], best)
 
 
 def _log_tables(runs: pd.DataFrame, configs: pd.DataFrame, pairs: pd.DataFrame, text: str) -> None:

@@ -12,7 +12,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from pipeline import plots, tracking
+from pipeline import plots, stage_keys, tracking
 from pipeline.errors import PipelineError
 from pipeline.evaluation import evaluate_logits
 from pipeline.stages import sample_data
@@ -46,18 +46,6 @@ def data_run_for(params: dict, source_run: str | None) -> str:
     return sample_data.resolve_data_run(params)
 
 
-def run_name(source_run: str | None) -> str:
-    if source_run:
-        name = mlflow.get_run(source_run).info.run_name or source_run
-        return "evaluate-" + name.removeprefix("train-")
-    return "evaluate"
-
-
-def cache_key(params: dict, source_run: str | None, data_run_id: str) -> str:
-    identity = {"model_uri": params["model_uri"], "source_run": source_run, "data": data_run_id}
-    return tracking.cache_key(STAGE, identity, __name__)
-
-
 def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
     """The logged network's logits (the loss needs them; the served pyfunc answers digits and
     probabilities), computed as MLflow's PyTorch pyfunc does: float32 input, no autograd."""
@@ -69,13 +57,14 @@ def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "evaluate", params) as run:
         source = source_run_id(params["model_uri"])
-        mlflow.set_tags({"mlflow.runName": run_name(source), SOURCE_RUN_TAG: source or ""})
+        mlflow.set_tags({"mlflow.runName": stage_keys.evaluate_run_name(source),
+                         SOURCE_RUN_TAG: source or ""})
         if source:
             mlflow.set_tag("pipeline.model", mlflow.get_run(source).data.tags.get("pipeline.model", ""))
         data_run_id = data_run_for(params, source)
-        mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, source, data_run_id))
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.evaluate_key(params, source, data_run_id))
         tracking.log_params_once({"sample_run_id": data_run_id})
-        sample = sample_data.fetch_sample(data_run_id)
+        sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
         sample_data.log_sample_inputs(sample, data_run_id)
 
         logits = network_logits(params["model_uri"], sample.test.features().numpy())

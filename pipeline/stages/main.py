@@ -2,7 +2,9 @@
 
 A stage is reused when a FINISHED run in this experiment has the same cache key: the stage,
 its parameters, the run ids it consumes and the source of the code it runs (see
-tracking.cache_key). `force=true` reruns everything.
+tracking.cache_key). `force=true` reruns everything. Keys and names come from
+pipeline.stage_keys, so a study whose stages are all reused never imports torch, matplotlib or
+scikit-learn: a stage's module is imported only to run it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run
 
-from pipeline import tracking
+from pipeline import registry, stage_keys, tracking
 from pipeline.checkpoint_store import has_checkpoint
 from pipeline.cli import stage_params
 from pipeline.config import load_study
-from pipeline.stages import compare, evaluate, sample_data, train
+from pipeline.stages import STAGES
 
 STAGE = "main"
 
@@ -75,8 +77,9 @@ def run(params: dict) -> str:
         ledger = Ledger(params["force"])
 
         data = stage_params("sample_data", {"data_dir": params["data_dir"], **study.sample})
-        data_run = ledger.step("sample_data", sample_data.run_name(data),
-                               sample_data.cache_key(data), lambda: sample_data.run(data))
+        data_run = ledger.step("sample_data", stage_keys.sample_data_run_name(data),
+                               stage_keys.sample_data_key(data),
+                               lambda: STAGES["sample_data"](data))
 
         # Consumers log the sampling that made their sample, as they would when run alone.
         sampling = {"data_dir": data["data_dir"], "samples_per_class": data["samples_per_class"],
@@ -89,26 +92,26 @@ def run(params: dict) -> str:
                     **sampling,
                 })
                 train_runs.append(ledger.step(
-                    "train", train.run_name(fit), train.cache_key(fit, data_run),
-                    lambda fit=fit: train.run(fit),
-                    resume=lambda run_id, fit=fit: train.run({**fit, "resume_run_id": run_id}),
+                    "train", stage_keys.train_run_name(fit), stage_keys.train_key(fit, data_run),
+                    lambda fit=fit: STAGES["train"](fit),
+                    resume=lambda run_id, fit=fit: STAGES["train"]({**fit, "resume_run_id": run_id}),
                 ))
-        mlflow.set_tag(compare.TRAIN_RUNS_TAG, ",".join(train_runs))
+        mlflow.set_tag(tracking.TRAIN_RUNS_TAG, ",".join(train_runs))
 
         for train_run in train_runs:
             scoring = stage_params("evaluate", {
                 "model_uri": f"runs:/{train_run}/model", "data_run_id": data_run, **sampling,
             })
-            ledger.step("evaluate", evaluate.run_name(train_run),
-                        evaluate.cache_key(scoring, train_run, data_run),
-                        lambda scoring=scoring: evaluate.run(scoring))
+            ledger.step("evaluate", stage_keys.evaluate_run_name(train_run),
+                        stage_keys.evaluate_key(scoring, train_run, data_run),
+                        lambda scoring=scoring: STAGES["evaluate"](scoring))
 
         comparing = stage_params("compare", {
             "run_ids": ",".join(train_runs),
             "registered_model_name": study.registered_model_name,
         })
-        ledger.step("compare", "compare", compare.cache_key(comparing, train_runs),
-                    lambda: compare.run(comparing), on_reuse=compare.restore_registration)
+        ledger.step("compare", "compare", stage_keys.compare_key(comparing, train_runs),
+                    lambda: STAGES["compare"](comparing), on_reuse=registry.restore_registration)
 
         table = ledger.frame()
         mlflow.log_text(table.to_csv(index=False), "stages.csv")

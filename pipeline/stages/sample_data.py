@@ -1,7 +1,9 @@
-"""sample_data: draw the balanced MNIST sample and log it for the stages after it."""
+"""sample_data: draw the balanced MNIST sample (or take the whole of it) and log it for the
+stages after it."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -14,54 +16,28 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.exceptions import MlflowException
 
-from pipeline import plots, tracking
+from pipeline import plots, sampling, stage_keys, tracking
 from pipeline.cli import stage_params
 from pipeline.data import SPLITS, Sample, draw_sample, load_sample, save_sample
-from pipeline.file_digests import file_digest
+from pipeline.errors import PipelineError
 
 STAGE = "sample_data"
 SAMPLE_ARTIFACT = "sample/sample.npz"
-RAW_FILES = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-)
-
-
-def run_name(params: dict) -> str:
-    return f"sample_data-{describe(params)}"
-
-
-def describe(params: dict) -> str:
-    if params["sampling"] == "random":
-        return f"random{params['samples_per_class']}-seed{params['seed']}"
-    return f"first{params['samples_per_class']}"
-
-
-def identity(params: dict) -> dict:
-    """What the sample depends on: the sampling rule and the exact raw files it reads."""
-    raw = Path(params["data_dir"]).expanduser().resolve() / "MNIST" / "raw"
-    return {
-        # By content: a copy of MNIST elsewhere is the same input; a changed file is not.
-        "files": {name: file_digest(raw / name) for name in RAW_FILES},
-        "samples_per_class": params["samples_per_class"],
-        "sampling": params["sampling"],
-        "seed": params["seed"] if params["sampling"] == "random" else None,
-    }
-
-
-def cache_key(params: dict) -> str:
-    return tracking.cache_key(STAGE, identity(params), __name__)
+# samples_per_class=all logs no copy of MNIST, only the digests of the raw files it is.
+RAW_DIGESTS_ARTIFACT = "sample/raw_files.json"
+DATA_ROOT_TAG = "data_root"
 
 
 def run(params: dict) -> str:
     """Draw and log a sample; returns the run id."""
-    tags = {tracking.CACHE_KEY_TAG: cache_key(params)}
-    with tracking.stage_run(STAGE, run_name(params), params, tags) as run:
+    tags = {tracking.CACHE_KEY_TAG: stage_keys.sample_data_key(params)}
+    with tracking.stage_run(STAGE, stage_keys.sample_data_run_name(params), params,
+                            tags) as run:
+        per_class = sampling.parse_samples_per_class(params["samples_per_class"])
         sample = draw_sample(
-            params["data_dir"], params["samples_per_class"], params["sampling"],
-            params["seed"], params["download"],
+            params["data_dir"], per_class, params["sampling"], params["seed"], params["download"],
         )
-        mlflow.set_tag("data_root", str(Path(params["data_dir"]).expanduser().resolve()))
+        mlflow.set_tag(DATA_ROOT_TAG, str(Path(params["data_dir"]).expanduser().resolve()))
         counts = pd.DataFrame(
             {split: sample.split(split).class_counts() for split in SPLITS}
         ).rename_axis("digit")
@@ -70,10 +46,15 @@ def run(params: dict) -> str:
         fig = plots.digit_grid(*_grid_of_firsts(sample))
         mlflow.log_figure(fig, "sample_digits.png")
         plots.close(fig)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / Path(SAMPLE_ARTIFACT).name
-            save_sample(sample, path)
-            mlflow.log_artifact(str(path), artifact_path=str(Path(SAMPLE_ARTIFACT).parent))
+        if per_class is None:
+            # The whole of MNIST is the raw files themselves: their digests pin it exactly, and
+            # a 55 MB copy per sample run would buy nothing but disk use.
+            mlflow.log_dict(stage_keys.raw_digests(params["data_dir"]), RAW_DIGESTS_ARTIFACT)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(SAMPLE_ARTIFACT).name
+                save_sample(sample, path)
+                mlflow.log_artifact(str(path), artifact_path=str(Path(SAMPLE_ARTIFACT).parent))
         log_sample_inputs(sample, run.info.run_id)
         return run.info.run_id
 
@@ -88,16 +69,35 @@ def _grid_of_firsts(sample: Sample, per_digit: int = 10) -> tuple[torch.Tensor, 
 
 def log_sample_inputs(sample: Sample, data_run_id: str) -> None:
     """Record both splits as MLflow dataset inputs; equal samples get equal digests."""
-    source = _dataset_source(mlflow.get_run(data_run_id).info.artifact_uri + "/" + SAMPLE_ARTIFACT)
+    run = mlflow.get_run(data_run_id)
+    whole = _is_whole(run)
+    if whole:
+        source = _dataset_source(run.data.tags.get(DATA_ROOT_TAG, "") + "/MNIST/raw")
+        files = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{RAW_DIGESTS_ARTIFACT}")
+    else:
+        source = _dataset_source(run.info.artifact_uri + "/" + SAMPLE_ARTIFACT)
     for split, context in (("train", "training"), ("test", "testing")):
         part = sample.split(split)
+        prefix = "train" if split == "train" else "t10k"
         dataset = mlflow.data.from_numpy(
             features=part.images.reshape(len(part.images), -1).numpy(),
             targets=part.labels.numpy(),
             source=source,
-            name=f"mnist-{split}-sample",
+            name=f"mnist-{split}-{'full' if whole else 'sample'}",
+            # MLflow's own digest hashes only the first rows; for a whole split the raw files'
+            # sha256 says exactly which MNIST it is.
+            digest=_combined_digest(files, prefix) if whole else None,
         )
         mlflow.log_input(dataset, context=context)
+
+
+def _is_whole(sample_run) -> bool:
+    return sampling.normalized(sample_run.data.params.get("samples_per_class")) == sampling.ALL
+
+
+def _combined_digest(files: dict, prefix: str) -> str:
+    parts = [f"{name}:{files[name]}" for name in sorted(files) if name.startswith(prefix)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _dataset_source(uri: str) -> DatasetSource:
@@ -111,10 +111,24 @@ def _dataset_source(uri: str) -> DatasetSource:
             return CodeDatasetSource(tags={"artifact_uri": uri})
 
 
-def fetch_sample(run_id: str) -> Sample:
-    """The sample a finished sample_data run logged."""
-    tracking.get_stage_run(run_id, STAGE, "data_run_id")
-    return load_sample(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SAMPLE_ARTIFACT))
+def fetch_sample(run_id: str, data_dir: str = "") -> Sample:
+    """The sample a finished sample_data run logged; for samples_per_class=all, the raw MNIST
+    files it recorded, read from `data_dir` or where the sample was drawn, once their sha256
+    shows they are the same files."""
+    run = tracking.get_stage_run(run_id, STAGE, "data_run_id")
+    if not _is_whole(run):
+        return load_sample(mlflow.artifacts.download_artifacts(run_id=run_id,
+                                                               artifact_path=SAMPLE_ARTIFACT))
+    recorded = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{RAW_DIGESTS_ARTIFACT}")
+    candidates = dict.fromkeys(d for d in (data_dir, run.data.tags.get(DATA_ROOT_TAG)) if d)
+    for root in candidates:
+        if stage_keys.raw_digests(root) == recorded:
+            return draw_sample(root, None, download=False)
+    raise PipelineError(
+        f"sample_data run {run_id} is the whole of MNIST, read from the raw files, and none of "
+        f"{', '.join(str(stage_keys.raw_folder(r)) for r in candidates)} holds the same files "
+        f"(sha256 in its {RAW_DIGESTS_ARTIFACT}); point data_dir at that MNIST"
+    )
 
 
 def resolve_data_run(params: dict) -> str:
@@ -132,9 +146,11 @@ def resolve_data_run(params: dict) -> str:
             "seed": params["sampling_seed"],
         },
     )
-    cached = tracking.find_cached_run(cache_key(wanted))
+    cached = tracking.find_cached_run(stage_keys.sample_data_key(wanted))
     if cached:
-        print(f"using sample_data run {cached.info.run_id} ({describe(wanted)})")
+        print(f"using sample_data run {cached.info.run_id} "
+              f"({stage_keys.sample_description(wanted)})")
         return cached.info.run_id
-    print(f"no finished sample_data run for {describe(wanted)}: drawing one")
+    print(f"no finished sample_data run for {stage_keys.sample_description(wanted)}: "
+          f"drawing one")
     return run(wanted)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cloudpickle
@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 from mlflow.models import Model, infer_signature
 
-from pipeline import digit_classifier, interrupts, models, plots, tracking
+from pipeline import digit_classifier, interrupts, models, plots, stage_keys, tracking
 from pipeline.checkpoint import meta_differences
 from pipeline.checkpoint_store import CheckpointStore, fetch_checkpoint
 from pipeline.comparison import summarize
@@ -25,7 +25,7 @@ from pipeline.machine import numerics
 from pipeline.metric_writer import MetricWriter
 from pipeline.models import build_model, count_parameters
 from pipeline.stages import sample_data
-from pipeline.training import METRIC_NAMES, TrainSettings, resolve_device, train
+from pipeline.training import METRIC_NAMES, train
 
 STAGE = "train"
 # A checkpoint continues a run only under the parameters it was made with (and the same
@@ -36,7 +36,6 @@ RESUME_MUST_MATCH = ("epochs", "batch_size", "lr", "momentum", "seed", "precisio
 # get this long each, then what is left is in the local checkpoint for a resume here.
 STOP_WAIT_S = 2.0
 MODEL_ARTIFACT = "model"
-MODEL_URI_TAG = "pipeline.model_uri"
 # Pinned without local version suffixes (+cpu/+cu130) so pip can install them when serving.
 MODEL_REQUIREMENTS = [
     f"torch=={torch.__version__.split('+')[0]}",
@@ -44,36 +43,6 @@ MODEL_REQUIREMENTS = [
     f"numpy=={np.__version__}",
     f"pandas=={pd.__version__}",  # the pyfunc answers a DataFrame (digit_classifier)
 ]
-
-
-def run_name(params: dict) -> str:
-    return f"train-{Path(params['config']).stem}-seed{params['seed']}"
-
-
-def settings_from(params: dict) -> TrainSettings:
-    settings = TrainSettings(
-        epochs=params["epochs"], batch_size=params["batch_size"], lr=params["lr"],
-        momentum=params["momentum"], seed=params["seed"],
-        device=resolve_device(params["device"]), precision=params["precision"],
-    )
-    settings.validate()
-    return settings
-
-
-def cache_key(params: dict, data_run_id: str) -> str:
-    """What a trained model depends on: the config's content, hyperparameters, data, and what
-    about this machine changes the bits (torch build, threads, processor)."""
-    config = load_model_config(params["config"])
-    settings = settings_from(params)
-    identity = {
-        "config_digest": config.digest,
-        "settings": asdict(settings),
-        "normalize": params["normalize"],
-        "log_model": params["log_model"],
-        "data_run_id": data_run_id,
-        "numerics": numerics(settings.device),
-    }
-    return tracking.cache_key(STAGE, identity, __name__)
 
 
 @dataclass(frozen=True)
@@ -111,7 +80,7 @@ def prepare_resume(params: dict) -> ResumePoint:
                             f"(its model is runs:/{run_id}/{MODEL_ARTIFACT})")
     checkpoint, source = fetch_checkpoint(run_id)
     config = load_model_config(params["config"])
-    settings_from(params)
+    stage_keys.train_settings(params)
     sample_run_id = params["data_run_id"] or run.data.params.get("sample_run_id", "")
     expected = checkpoint_meta(params, config, sample_run_id)
     differences = meta_differences(checkpoint["meta"].get("params", {}), expected)
@@ -132,21 +101,27 @@ def run(params: dict) -> str:
     resume = prepare_resume(params) if params["resume_run_id"] else None
     config_name = Path(params["config"]).stem
     tags = {"pipeline.model": config_name}
-    with tracking.stage_run(STAGE, run_name(params), params, tags,
-                            resume_run_id=params["resume_run_id"]) as run:
+    with tracking.stage_run(STAGE, stage_keys.train_run_name(params), params, tags,
+                            resume_run_id=params["resume_run_id"], system_metrics=True) as run:
         config = load_model_config(params["config"])
         mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
-        settings = settings_from(params)
+        settings = stage_keys.train_settings(params)
+        if settings.device.startswith("cuda") and not torch.cuda.is_available():
+            raise PipelineError(f"device={params['device']}: the NVIDIA driver shows a GPU but "
+                                f"torch {torch.__version__} cannot use it (driver too old for its "
+                                f"CUDA {torch.version.cuda}?); pass device=cpu")
         if resume:
             data_run_id = resume.checkpoint["meta"]["params"]["sample_run_id"]
         else:
             data_run_id = sample_data.resolve_data_run(params)
-        mlflow.set_tag(tracking.CACHE_KEY_TAG, cache_key(params, data_run_id))
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.train_key(params, data_run_id))
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
              "torch_device": settings.device, **numerics(settings.device)}
         )
-        sample = sample_data.fetch_sample(data_run_id)
+        sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
+        # The threads the cache key names (machine.numerics), not whatever torch picked.
+        torch.set_num_threads(numerics(settings.device)["torch_threads"])
         torch.manual_seed(settings.seed)
         model = build_model(config.model, normalize=params["normalize"])
         if resume:
@@ -295,4 +270,4 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
     finally:
         cloudpickle.unregister_pickle_by_value(models)
     # MLflow 3 keeps the model as a LoggedModel (models:/m-...); record where it is.
-    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+    mlflow.set_tag(tracking.MODEL_URI_TAG, info.model_uri)
