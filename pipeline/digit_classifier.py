@@ -32,6 +32,15 @@ def digits_and_probabilities(logits: np.ndarray) -> pd.DataFrame:
                          PROBABILITIES: [row.tolist() for row in probabilities]})
 
 
+def output_schema():
+    """What the pyfunc answers, declared rather than inferred (inference warns that an
+    integer column cannot hold missing values, which a digit never is)."""
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    return Schema([ColSpec(DataType.long, DIGIT), ColSpec(Array(DataType.double), PROBABILITIES)])
+
+
 def save_model(pytorch_model, path, mlflow_model=None, **kwargs) -> None:
     """`mlflow.pytorch.save_model`, with this module as the pyfunc's loader.
 

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.models import Model, infer_signature
+from mlflow.models import Model, ModelSignature, infer_signature
 
 from pipeline import digit_classifier, interrupts, models, plots, stage_keys, tracking
 from pipeline.checkpoint import meta_differences
@@ -252,8 +252,6 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
     probabilities (see digit_classifier), which is what `mlflow models serve` serves.
     """
     model.eval()
-    with torch.inference_mode():
-        answer = digit_classifier.digits_and_probabilities(model(example).numpy())
     # Our own layers (models.Scale) are pickled by value, so the model loads where this
     # package is not installed.
     cloudpickle.register_pickle_by_value(models)
@@ -263,7 +261,8 @@ def log_model(model: torch.nn.Module, example: torch.Tensor) -> None:
             flavor=digit_classifier,
             pytorch_model=model,
             name=MODEL_ARTIFACT,
-            signature=infer_signature(example.numpy(), answer),
+            signature=ModelSignature(inputs=infer_signature(example.numpy()).inputs,
+                                     outputs=digit_classifier.output_schema()),
             input_example=example.numpy(),
             pip_requirements=MODEL_REQUIREMENTS,
         )
