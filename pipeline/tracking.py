@@ -33,10 +33,11 @@ MODEL_URI_TAG = "pipeline.model_uri"
 TRAIN_RUNS_TAG = "pipeline.train_run_ids"
 ERROR_TAG = "pipeline.error"
 INTERRUPTED_TAG = "pipeline.interrupted"
-# System metrics every 5 s: a one-minute training gets a dozen points, an hour 720 (each sample
-# costs well under 1% of a core; bench/system_metrics_cost.py).
+# System metrics every 10 s: a one-minute training gets 6 points, an hour 360. A sampling cycle
+# costs 20-50 ms of CPU, most of it MLflow reading the run back to see that it still runs
+# (bench/system_metrics_cost.py): every 5 s that came to 1% of a core, every 10 s it is half.
 SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
-SYSTEM_METRICS_INTERVAL_S = 5.0
+SYSTEM_METRICS_INTERVAL_S = 10.0
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
