@@ -71,6 +71,10 @@ bench: setup
 	$(BIN)/python bench/train_loop.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/logging_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/pipeline_vs_seed.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/checkpoint_cost.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/full_mnist_epoch.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/system_metrics_cost.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/cached_rerun.py --data_dir $(DATA_DIR)
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db

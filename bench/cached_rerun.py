@@ -13,18 +13,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from pipeline_vs_seed import ROOT, timed
+
 HEAVY = ("torch", "torchvision", "matplotlib", "sklearn")
-
-
-def timed(command: list[str], env: dict) -> float:
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
 
 
 def main():

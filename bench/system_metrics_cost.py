@@ -2,7 +2,7 @@
 
 1. One sampling cycle as the monitor thread does it (psutil readings, the batch logged, the run
    read back to see whether it still runs), timed over many cycles: its CPU time divided by the
-   5 s interval is the share of one core it takes.
+   sampling interval (pipeline.tracking's) is the share of one core it takes.
 2. Side by side: the same training with and without system metrics, alternating rounds; the
    median epoch time of each and their ratio (noise on this machine is a few %, so this shows
    only that nothing large is hidden).
@@ -22,12 +22,9 @@ import mlflow  # noqa: E402
 import torch  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
+from full_mnist_epoch import epoch_times as training_epoch_times  # noqa: E402
 from pipeline import tracking  # noqa: E402
-from pipeline.config import load_model_config  # noqa: E402
 from pipeline.data import draw_sample  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.train_settings import TrainSettings  # noqa: E402
-from pipeline.training import train  # noqa: E402
 
 
 def cycle_cost(cycles: int) -> tuple[float, float]:
@@ -45,13 +42,8 @@ def cycle_cost(cycles: int) -> tuple[float, float]:
 
 
 def epoch_times(sample, config: str, epochs: int, seed: int, system_metrics: bool) -> list[float]:
-    torch.manual_seed(seed)
-    model = build_model(load_model_config(config).model)
     with mlflow.start_run(log_system_metrics=system_metrics):
-        history = train(model, (sample.train.features(), sample.train.labels),
-                        (sample.test.features(), sample.test.labels),
-                        TrainSettings(epochs=epochs, seed=seed))
-    return [record["epoch_time_s"] for record in history]
+        return training_epoch_times(config, sample, epochs, seed)
 
 
 def main():
