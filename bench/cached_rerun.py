@@ -44,7 +44,8 @@ def main():
          "--epochs", args.epochs, "--experiment", "bench-cached"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     )
-    rows = [line.split("|") for line in result.stderr.splitlines() if line.startswith("import time:")]
+    rows = [line.split("|") for line in result.stderr.splitlines()
+            if line.startswith("import time:") and line.split("|")[1].strip().isdigit()]
     imported = {row[2].strip(): int(row[1]) / 1e6 for row in rows}
     heavy = sorted(name for name in imported if name.split(".")[0] in HEAVY)
     tops = {name: seconds for name, seconds in imported.items() if "." not in name}
