@@ -119,9 +119,11 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         _point_launcher_run_to(resume_run_id)
     run = mlflow.start_run(run_id=resume_run_id or None,
                            run_name=None if resume_run_id else run_name, nested=nested)
-    monitor = _monitor_system(run.info.run_id, bool(resume_run_id)) if system_metrics else None
+    monitor = None
     status = "FINISHED"
     try:
+        if system_metrics:
+            monitor = _monitor_system(run.info.run_id, bool(resume_run_id))
         _tag_experiment(run)
         if resume_run_id:
             _forget_last_ending(run)
