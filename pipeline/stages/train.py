@@ -115,13 +115,14 @@ def run(params: dict) -> str:
         else:
             data_run_id = sample_data.resolve_data_run(params)
         mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.train_key(params, data_run_id))
+        machine = numerics(settings.device)
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
-             "torch_device": settings.device, **numerics(settings.device)}
+             "torch_device": settings.device, **machine}
         )
         sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
         # The threads the cache key names (machine.numerics), not whatever torch picked.
-        torch.set_num_threads(numerics(settings.device)["torch_threads"])
+        torch.set_num_threads(machine["torch_threads"])
         torch.manual_seed(settings.seed)
         model = build_model(config.model, normalize=params["normalize"])
         if resume:
