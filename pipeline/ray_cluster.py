@@ -1,0 +1,131 @@
+"""Joining Ray: a local instance sized to this machine, or an existing cluster.
+
+Workers log to the study's tracking store, so they must be able to reach it: a local SQLite
+file or `mlruns/` folder works for workers on this machine only. A cluster with other machines
+needs a tracking server (`make server`) in MLFLOW_TRACKING_URI, and that is checked before any
+task is sent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import mlflow
+
+from pipeline.errors import PipelineError
+
+LOCAL = ""
+# Tracking stores only a process on this machine can write to.
+LOCAL_STORE_SCHEMES = ("", "file", "sqlite")
+# What a worker needs of the driver's environment to log where the driver logs.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PIPELINE_CHECKPOINT_UPLOAD_S",
+    "PIPELINE_CACHE_DIR", "PIPELINE_TRACKING_RETRY_S",
+)
+
+
+def worker_tracking_uri() -> str:
+    """The tracking URI as a worker in another folder must spell it: relative paths made
+    absolute (a worker does not start in the driver's working directory)."""
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}"
+        return uri
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path or uri).resolve().as_uri()
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return urlparse(uri).scheme in LOCAL_STORE_SCHEMES
+
+
+def refuse_local_store(address: str, uri: str) -> None:
+    """Workers on other machines cannot write to a file on this one: say what to do instead."""
+    if is_local_store(uri):
+        raise PipelineError(
+            f"ray_address={address}: workers on other machines cannot write to the local "
+            f"tracking store {uri}; start a tracking server (make server) and set "
+            f"MLFLOW_TRACKING_URI=http://<host>:<port> to it before sending the study to a cluster"
+        )
+
+
+def worker_env(experiment_id: str, threads: int) -> dict[str, str]:
+    """Environment for a task: where to log, and the torch threads its CPU allotment allows."""
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    env.update({"MLFLOW_TRACKING_URI": worker_tracking_uri(),
+                "MLFLOW_EXPERIMENT_ID": experiment_id, "OMP_NUM_THREADS": str(threads)})
+    return env
+
+
+def _this_machine_addresses() -> set[str]:
+    names = {"127.0.0.1", "localhost", socket.gethostname()}
+    try:
+        names |= {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        pass
+    try:
+        import ray.util
+
+        names.add(ray.util.get_node_ip_address())
+    except Exception:  # noqa: BLE001 - only a hint for deciding whether nodes are elsewhere
+        pass
+    return names
+
+
+def other_machines() -> list[str]:
+    """Addresses of the connected cluster's live nodes that are not this machine."""
+    import ray
+
+    here = _this_machine_addresses()
+    return sorted({node["NodeManagerAddress"] for node in ray.nodes()
+                   if node.get("Alive") and node["NodeManagerAddress"] not in here})
+
+
+@contextmanager
+def connected(address: str = LOCAL) -> Iterator[None]:
+    """Ray for the length of the block.
+
+    `address` empty: start a local Ray sized to this machine (all its cores) and shut it down
+    afterwards. `auto` or `ray://host:port` (or `host:port`): join that cluster, which is left
+    running. A Ray this process already started (tests, notebooks) is used as it is.
+    """
+    uri = worker_tracking_uri()
+    if address.startswith("ray://"):
+        # A Ray Client driver is always on another machine than the workers.
+        refuse_local_store(address, uri)
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    try:
+        if address == LOCAL:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
+                     configure_logging=True, logging_level="WARNING")
+        else:
+            ray.init(address=address, log_to_driver=True, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise PipelineError(
+            f"ray_address={address!r}: could not join a Ray cluster ({err}); start one with "
+            f"`ray start --head` and pass ray_address=auto, or leave ray_address empty to start "
+            f"a local Ray"
+        ) from err
+    try:
+        if address != LOCAL and other_machines():
+            refuse_local_store(address, uri)
+        yield
+    finally:
+        ray.shutdown()
