@@ -66,7 +66,9 @@ def worker_env(experiment_id: str, threads: int) -> dict[str, str]:
     """Environment for a task: where to log, and the torch threads its CPU allotment allows."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env.update({"MLFLOW_TRACKING_URI": worker_tracking_uri(),
-                "MLFLOW_EXPERIMENT_ID": experiment_id, "OMP_NUM_THREADS": str(threads)})
+                "MLFLOW_EXPERIMENT_ID": experiment_id, "OMP_NUM_THREADS": str(threads),
+                # Download bars from every worker would bury the epoch lines.
+                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
     return env
 
 
@@ -106,15 +108,30 @@ def connected(address: str = LOCAL) -> Iterator[None]:
     if address.startswith("ray://"):
         # A Ray Client driver is always on another machine than the workers.
         refuse_local_store(address, uri)
+    # Two seeds print the same "training mlp3 ..." line; Ray would fold them into one.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     import ray
 
-    if ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
+        _start(address)
+    try:
+        if address != LOCAL and other_machines():
+            refuse_local_store(address, uri)
         yield
-        return
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _start(address: str) -> None:
+    import ray
+
     try:
         if address == LOCAL:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=True,
-                     configure_logging=True, logging_level="WARNING")
+            # "local": a new instance even when another one runs on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     log_to_driver=True, logging_level="WARNING")
         else:
             ray.init(address=address, log_to_driver=True, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as err:
@@ -123,9 +140,3 @@ def connected(address: str = LOCAL) -> Iterator[None]:
             f"`ray start --head` and pass ray_address=auto, or leave ray_address empty to start "
             f"a local Ray"
         ) from err
-    try:
-        if address != LOCAL and other_machines():
-            refuse_local_store(address, uri)
-        yield
-    finally:
-        ray.shutdown()

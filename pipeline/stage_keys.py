@@ -71,9 +71,10 @@ def train_settings(params: dict) -> TrainSettings:
     return settings
 
 
-def train_key(params: dict, data_run_id: str) -> str:
+def train_key(params: dict, data_run_id: str, machine: dict | None = None) -> str:
     """What a trained model depends on: the config's content, hyperparameters, data, and what
-    about this machine changes the bits (torch build, threads, processor)."""
+    about the machine that trains it changes the bits (torch build, threads, processor):
+    this one's, unless `machine` gives a worker's (machine.numerics as the worker sees it)."""
     config = load_model_config(params["config"])
     settings = train_settings(params)
     identity = {
@@ -82,7 +83,7 @@ def train_key(params: dict, data_run_id: str) -> str:
         "normalize": params["normalize"],
         "log_model": params["log_model"],
         "data_run_id": data_run_id,
-        "numerics": numerics(settings.device),
+        "numerics": machine if machine is not None else numerics(settings.device),
     }
     return tracking.cache_key("train", identity, "pipeline.stages.train")
 

@@ -32,6 +32,9 @@ MODEL_URI_TAG = "pipeline.model_uri"
 # On a main run: the train runs of the study, in order.
 TRAIN_RUNS_TAG = "pipeline.train_run_ids"
 ERROR_TAG = "pipeline.error"
+# On a run a Ray task started: the task's id, the same on every retry of the task, so a retry
+# finds the run an earlier attempt left behind and goes on with it.
+TASK_TAG = "pipeline.task_id"
 INTERRUPTED_TAG = "pipeline.interrupted"
 # System metrics every 10 s: a one-minute training gets 6 points, an hour 360. A sampling cycle
 # costs 20-50 ms of CPU, most of it MLflow reading the run back to see that it still runs
@@ -40,6 +43,21 @@ SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
 SYSTEM_METRICS_INTERVAL_S = 10.0
 # Without this tag MLflow 3's UI opens the experiment in GenAI mode instead of runs and charts.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+# Set by `nested_under` in a Ray worker, where no parent run is active in the process.
+_task_parent = threading.local()
+
+
+@contextmanager
+def nested_under(parent_run_id: str, tags: dict[str, str]) -> Iterator[None]:
+    """Runs that stages start inside the block are nested under `parent_run_id` and carry
+    `tags`: how a task on a Ray worker puts its run under the study's main run."""
+    _task_parent.parent, _task_parent.tags = parent_run_id, dict(tags)
+    try:
+        yield
+    finally:
+        _task_parent.parent, _task_parent.tags = None, {}
 
 
 def use_experiment(name: str | None = None) -> None:
@@ -103,7 +121,8 @@ def _stop_monitor(monitor, wait: bool) -> None:
 @contextmanager
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
               resume_run_id: str = "", system_metrics: bool = False) -> Iterator:
-    """A run for one stage: nested under the active run if there is one; with
+    """A run for one stage: nested under the active run if there is one (or the run that
+    `nested_under` names, in a Ray task); with
     `resume_run_id`, that existing run again (its status goes back to RUNNING). With
     `system_metrics`, MLflow samples CPU, memory, disk, network (and GPU) into `system/*`.
 
@@ -112,13 +131,16 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     signal arrives (`interrupts.Interrupted`). It is ended explicitly rather than by
     `with mlflow.start_run()`, which can only say FINISHED or FAILED.
     """
+    parent = None if mlflow.active_run() else getattr(_task_parent, "parent", None)
     nested = mlflow.active_run() is not None
     if resume_run_id and not nested:
         # The run goes on in its own experiment, whichever one this process selected.
         mlflow.set_experiment(experiment_id=mlflow.get_run(resume_run_id).info.experiment_id)
         _point_launcher_run_to(resume_run_id)
     run = mlflow.start_run(run_id=resume_run_id or None,
-                           run_name=None if resume_run_id else run_name, nested=nested)
+                           run_name=None if resume_run_id else run_name, nested=nested,
+                           parent_run_id=None if resume_run_id else parent)
+    tags = {**(getattr(_task_parent, "tags", None) or {}), **(tags or {})}
     monitor = None
     status = "FINISHED"
     try:
@@ -127,7 +149,7 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         _tag_experiment(run)
         if resume_run_id:
             _forget_last_ending(run)
-        mlflow.set_tags({STAGE_TAG: stage, **(tags or {})})
+        mlflow.set_tags({STAGE_TAG: stage, **tags})
         log_params_once(params)
         yield run
     except Interrupted as stop:
@@ -270,6 +292,12 @@ def find_cached_run(key: str) -> Run | None:
         output_format="list",
     )
     return runs[0] if runs else None
+
+
+def find_runs_tagged(tag: str, value: str) -> list[Run]:
+    """Runs in the current experiment whose `tag` is `value`, newest first."""
+    return mlflow.search_runs(filter_string=f"tags.`{tag}` = '{value}'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
 
 
 def find_unfinished_runs(key: str) -> list[Run]:

@@ -1,0 +1,83 @@
+"""What runs on a Ray worker: one stage of the study, as `python -m pipeline <stage>` would run
+it, under the study's main run. Imported by the worker, so it imports nothing heavy itself.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+# `mlflow run` sets these for the driver; a local Ray's workers inherit them, and a worker
+# that kept them would log into the launcher's run instead of starting its own.
+DRIVER_ONLY_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
+def _as_a_worker() -> None:
+    for name in DRIVER_ONLY_ENV:
+        os.environ.pop(name, None)
+    import mlflow
+
+    # MLflow caches the URI it first saw; the task's environment names the study's.
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def machine_numerics(device: str) -> dict:
+    """machine.numerics as a training on this worker, with this task's resources, sees it."""
+    _as_a_worker()
+    from pipeline.machine import numerics, resolve_device
+
+    return numerics(resolve_device(device))
+
+
+def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
+    """Run `stage` with `params` nested under `parent_run_id`; the outcome, never an exception,
+    so the driver can wait for every task and then report each failed run by name.
+
+    A retry of this task (Ray starts one when a worker dies) finds the run the dead attempt
+    left RUNNING by the task id and continues it from its checkpoint.
+    """
+    _as_a_worker()
+    import ray
+
+    from pipeline import interrupts, tracking
+    from pipeline.checkpoint_store import has_checkpoint
+    from pipeline.stages import STAGES
+
+    started = time.perf_counter()
+    context = ray.get_runtime_context()
+    task_id = context.get_task_id()
+    tags = {tracking.TASK_TAG: task_id,
+            "pipeline.ray_worker": f"{context.get_node_id()[:12]} pid {os.getpid()}"}
+    earlier = next((run for run in tracking.find_runs_tagged(tracking.TASK_TAG, task_id)
+                    if run.info.status != "FINISHED"), None)
+    resumed = ""
+    if earlier is not None and stage == "train" and has_checkpoint(earlier.info.run_id):
+        resumed = earlier.info.run_id
+        params = {**params, "resume_run_id": resumed}
+        print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)
+    elif earlier is not None:
+        _end_abandoned(earlier.info.run_id)
+    outcome = {"run_id": None, "error": None, "interrupted": False, "resumed": resumed}
+    try:
+        with interrupts.installed(), tracking.nested_under(parent_run_id, tags):
+            outcome["run_id"] = STAGES[stage](params)
+    except interrupts.Interrupted as stop:
+        outcome.update(run_id=stop.run_id, interrupted=True, error=f"interrupted by {stop}")
+    except Exception as err:  # noqa: BLE001 - reported by the driver, with the run it failed
+        runs = tracking.find_runs_tagged(tracking.TASK_TAG, task_id)
+        outcome.update(run_id=runs[0].info.run_id if runs else None,
+                       error=tracking.error_message(err).splitlines()[0])
+    outcome["seconds"] = round(time.perf_counter() - started, 2)
+    return outcome
+
+
+def _end_abandoned(run_id: str) -> None:
+    """A run whose worker died before its first checkpoint: nothing to go on from."""
+    import mlflow
+
+    from pipeline import tracking
+
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, tracking.ERROR_TAG, "its Ray worker died before the first "
+                                               "checkpoint; the task was retried as a new run")
+    client.set_terminated(run_id, "FAILED")

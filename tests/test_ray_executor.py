@@ -1,0 +1,250 @@
+"""main with executor=ray: the same runs as the local executor, trainings side by side as Ray
+tasks; a killed worker's training resumes, a failed training is named, a stopped study leaves
+every run KILLED."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import psutil
+import pytest
+from conftest import create_experiment, runs_in, subprocess_env
+from mlflow import MlflowClient
+from test_interrupts import Stage
+
+from pipeline import checkpoint_store, tracking
+from pipeline.cli import stage_params
+from pipeline.errors import PipelineError
+from pipeline.stages import main
+from pipeline.training import METRIC_NAMES
+
+# Values a rerun reproduces bit for bit (times are not).
+REPRODUCIBLE = [m for m in METRIC_NAMES if m != "epoch_time_s"]
+# Params and tags that name the run's own sample, parent or worker rather than its content.
+RUN_SPECIFIC = {"sample_run_id", "data_run_id", "model_uri", "resume_run_id"}
+
+
+def write_study(folder: Path, name: str, configs: list[str], seeds: list[int], **train) -> str:
+    settings = {"epochs": 3, "batch_size": 16, "device": "cpu", **train}
+    path = folder / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\nconfigs: [{', '.join(configs)}]\nseeds: [{', '.join(map(str, seeds))}]\n"
+        f"sample: {{samples_per_class: 12, download: false}}\n"
+        f"train: {{{', '.join(f'{k}: {v}' for k, v in settings.items())}}}\n"
+        f"registered_model_name: {name}-{os.getpid()}\n"
+    )
+    return str(path)
+
+
+def study_params(study: str, data_dir: Path, **overrides) -> dict:
+    return stage_params("main", {"study": study, "data_dir": str(data_dir), **overrides})
+
+
+def train_runs(experiment, parent_id: str) -> dict[str, object]:
+    return {r.info.run_name: r for r in runs_in(experiment, "train")
+            if r.data.tags.get("mlflow.parentRunId") == parent_id}
+
+
+def history(run_id: str) -> dict[str, list[tuple[int, float]]]:
+    client = MlflowClient()
+    return {m: sorted((p.step, p.value) for p in client.get_metric_history(run_id, m))
+            for m in METRIC_NAMES}
+
+
+def stages_table(parent_id: str) -> pd.DataFrame:
+    return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent_id,
+                                                           artifact_path="stages.csv"))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray with 2 CPUs for this module's in-process studies; shut down afterwards."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
+             logging_level="WARNING")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_a_remote_cluster_with_a_local_tracking_store_is_refused_before_any_stage(
+        experiment, shared_tiny_mnist, tmp_path):
+    study = write_study(tmp_path, "remote", ["mlp3"], [0])
+    with pytest.raises(PipelineError, match="MLFLOW_TRACKING_URI") as refused:
+        main.run(study_params(study, shared_tiny_mnist.root, executor="ray",
+                              ray_address="ray://127.0.0.1:10001"))
+    assert "\n" not in str(refused.value) and "make server" in str(refused.value)
+    [parent] = runs_in(experiment)  # no sample drawn, no task sent
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"executor": "dask"}, "use local"),
+    ({"executor": "ray", "cpus_per_trial": 0}, "at least 1 CPU"),
+    ({"executor": "ray", "gpus_per_trial": -1}, "share of a GPU"),
+])
+def test_bad_executor_settings_fail_before_any_stage(experiment, shared_tiny_mnist, tmp_path,
+                                                     overrides, message):
+    study = write_study(tmp_path, "bad", ["mlp3"], [0])
+    with pytest.raises(PipelineError, match=message):
+        main.run(study_params(study, shared_tiny_mnist.root, **overrides))
+    assert [r.info.status for r in runs_in(experiment)] == ["FAILED"]
+
+
+def test_sigterm_on_main_cancels_the_tasks_and_leaves_every_run_killed(
+        tracking_store, shared_tiny_mnist, tmp_path):
+    """Each training's epochs show up prefixed by its run name; SIGTERM ends them all KILLED
+    and leaves no Ray process behind."""
+    experiment = create_experiment(tracking_store, "ray-sigterm")
+    # Batches of two: epochs long enough on the tiny sample to be stopped mid-training.
+    study = write_study(tmp_path, "stopped", ["mlp4"], [0, 1], epochs=200, batch_size=2)
+    stage = Stage([sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
+                   "--study", study, "--data_dir", str(shared_tiny_mnist.root),
+                   "--executor", "ray"], subprocess_env(tracking_store))
+    try:
+        stage.wait_for("(train-mlp4-seed0 pid=", timeout=300)
+        stage.wait_for("(train-mlp4-seed1 pid=", timeout=120)
+        stage.wait_for("epoch   2/200", timeout=120)
+        family = psutil.Process(stage.process.pid).children(recursive=True)
+        code, _ = stage.signal(signal.SIGTERM, timeout=90)
+    finally:
+        stage.stop()
+    assert code == 143, "\n".join(stage.lines[-30:])
+    assert any(line.startswith("(train-mlp4-seed1 pid=") and "epoch   1/200" in line
+               for line in stage.lines), "\n".join(stage.lines[-30:])
+    statuses = {r.info.run_name: r.info.status for r in runs_in(experiment)}
+    assert statuses == {"main-stopped": "KILLED", "sample_data-first12": "FINISHED",
+                        "train-mlp4-seed0": "KILLED", "train-mlp4-seed1": "KILLED"}
+    for run in runs_in(experiment, "train"):
+        assert tracking.INTERRUPTED_TAG in run.data.tags
+    deadline = time.monotonic() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in family) \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = [p.pid for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"Ray processes outlived the study: {left}"
+
+
+def test_ray_gives_the_runs_and_cache_keys_of_the_local_executor(
+        local_ray, experiment, shared_tiny_mnist, tmp_path, capsys):
+    study = write_study(tmp_path, "same", ["mlp3"], [0, 1])
+    ray_parent = main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+    assert "sent to Ray" in capsys.readouterr().out
+
+    # The local executor finds every stage already done: the cache keys are the same.
+    local_reuse = main.run(study_params(study, shared_tiny_mnist.root))
+    assert stages_table(local_reuse).reused.all()
+    # And a second Ray study sends nothing to Ray.
+    main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+    assert "sent to Ray" not in capsys.readouterr().out
+
+    local_parent = main.run(study_params(study, shared_tiny_mnist.root, force=True))
+    on_ray, local = train_runs(experiment, ray_parent), train_runs(experiment, local_parent)
+    assert sorted(on_ray) == sorted(local) == ["train-mlp3-seed0", "train-mlp3-seed1"]
+    for name, run in on_ray.items():
+        twin = local[name]
+        assert run.info.status == twin.info.status == "FINISHED"
+        assert run.data.tags[tracking.CACHE_KEY_TAG] != ""
+        assert ({k: v for k, v in run.data.params.items() if k not in RUN_SPECIFIC}
+                == {k: v for k, v in twin.data.params.items() if k not in RUN_SPECIFIC})
+        assert run.data.params["torch_threads"] == "1"
+        got, want = history(run.info.run_id), history(twin.info.run_id)
+        for metric in REPRODUCIBLE:
+            assert got[metric] == want[metric], f"{name}: {metric}"
+        artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+        assert artifacts == {a.path for a in MlflowClient().list_artifacts(twin.info.run_id)}
+    evaluations = [r for r in runs_in(experiment, "evaluate")
+                   if r.data.tags.get("mlflow.parentRunId") == ray_parent]
+    assert sorted(r.info.run_name for r in evaluations) == ["evaluate-mlp3-seed0",
+                                                            "evaluate-mlp3-seed1"]
+    statuses = {r.info.status for r in runs_in(experiment)}
+    assert statuses == {"FINISHED"}
+
+
+def test_a_failed_training_is_named_and_the_others_finish(local_ray, experiment,
+                                                          shared_tiny_mnist, tmp_path):
+    # At lr 1e4 the deep plain MLP's activations overflow to NaN in its first epoch; the
+    # linear model's loss grows but stays finite.
+    (tmp_path / "linear.yaml").write_text("name: linear\nmodel: {type: mlp, hidden: []}\n")
+    (tmp_path / "deep.yaml").write_text(
+        "name: deep\nmodel: {type: mlp, hidden: [{units: 64}, {units: 64}, {units: 64}, "
+        "{units: 64}, {units: 64}, {units: 64}]}\n")
+    study = write_study(tmp_path, "diverging",
+                        [str(tmp_path / "linear.yaml"), str(tmp_path / "deep.yaml")], [0],
+                        lr=1e4)
+    with pytest.raises(PipelineError) as failed:
+        main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+    trains = {r.info.run_name: r for r in runs_in(experiment, "train")}
+    deep, linear = trains["train-deep-seed0"], trains["train-linear-seed0"]
+    message = str(failed.value)
+    assert message.startswith("1 of 2 train run(s) failed: train-deep-seed0 "
+                              f"(run {deep.info.run_id}): the training loss became nan")
+    assert "\n" not in message
+    assert deep.info.status == "FAILED" and "nan" in deep.data.tags[tracking.ERROR_TAG]
+    assert linear.info.status == "FINISHED"
+    assert len(history(linear.info.run_id)["train_loss"]) == 3
+    statuses = {r.data.tags[tracking.STAGE_TAG]: r.info.status for r in runs_in(experiment)
+                if r.data.tags[tracking.STAGE_TAG] != "train"}
+    assert statuses == {"main": "FAILED", "sample_data": "FINISHED"}
+
+
+def test_a_killed_worker_is_retried_and_its_run_resumes_to_the_undisturbed_result(
+        local_ray, experiment, shared_tiny_mnist, tmp_path):
+    epochs = 12
+    study = write_study(tmp_path, "killed", ["mlp4"], [0, 1], epochs=epochs, batch_size=2)
+    outcome: dict = {}
+
+    def study_on_ray():
+        try:
+            outcome["parent"] = main.run(study_params(study, shared_tiny_mnist.root,
+                                                      executor="ray"))
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=study_on_ray, daemon=True)
+    thread.start()
+    victim = _worker_after_first_checkpoint(experiment, "train-mlp4-seed0", thread)
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome.get("error")
+
+    stages = stages_table(outcome["parent"]).set_index("label")
+    assert stages.loc["train-mlp4-seed0", "resumed"] and not stages.loc["train-mlp4-seed1",
+                                                                         "resumed"]
+    on_ray = train_runs(experiment, outcome["parent"])
+    assert {r.info.status for r in on_ray.values()} == {"FINISHED"}
+    resumed = on_ray["train-mlp4-seed0"]
+    assert f"pid {victim}" not in resumed.data.tags["pipeline.ray_worker"]
+
+    mlflow.set_experiment(experiment_id=experiment.id)
+    undisturbed = train_runs(experiment, main.run(study_params(study, shared_tiny_mnist.root,
+                                                               force=True)))
+    got, want = history(resumed.info.run_id), history(undisturbed["train-mlp4-seed0"].info.run_id)
+    for metric in METRIC_NAMES:
+        assert [step for step, _ in got[metric]] == list(range(1, epochs + 1)), metric
+    for metric in REPRODUCIBLE:
+        assert got[metric] == want[metric], metric
+
+
+def _worker_after_first_checkpoint(experiment, run_name: str, thread: threading.Thread) -> int:
+    """The PID of the Ray worker training `run_name`, once its first checkpoint is on disk."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and thread.is_alive():
+        for run in runs_in(experiment, "train"):
+            worker = run.data.tags.get("pipeline.ray_worker")
+            if (run.info.run_name == run_name and run.info.status == "RUNNING" and worker
+                    and (checkpoint_store.local_dir(run.info.run_id)
+                         / checkpoint_store.FILE_NAME).is_file()):
+                return int(worker.rsplit(" ", 1)[1])
+        time.sleep(0.1)
+    pytest.fail(f"{run_name} never wrote a checkpoint on a Ray worker")
+
