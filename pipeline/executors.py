@@ -124,7 +124,9 @@ def _wait_all(refs: list) -> list:
 
     pending = list(refs)
     while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        # Not inside Ray's C++ wait: an exception raised there comes out as a SystemError.
+        with interrupts.deferred():
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
     return ray.get(refs)
 
 

@@ -9,7 +9,9 @@ task is sent.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -110,11 +112,19 @@ def connected(address: str = LOCAL) -> Iterator[None]:
         refuse_local_store(address, uri)
     # Two seeds print the same "training mlp3 ..." line; Ray would fold them into one.
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not sys.stdout.isatty():  # a log file or a pipe gets no colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     started = not ray.is_initialized()
     if started:
+        # ray.init puts its own SIGTERM handler (which aborts the process) in place of ours;
+        # the study must still end its runs KILLED on SIGTERM.
+        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
         _start(address)
+        for signum, handler in handlers.items():
+            if callable(handler):
+                signal.signal(signum, handler)
     try:
         if address != LOCAL and other_machines():
             refuse_local_store(address, uri)
