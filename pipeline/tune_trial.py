@@ -103,8 +103,9 @@ def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
                              tags=[RunTag(EPOCHS_RUN_TAG, str(record["epoch"]))])
             tune.report({**values, "epoch": record["epoch"]})
 
-        train(model, (torch.from_numpy(data.fit_images).float(), torch.from_numpy(data.fit_labels)),
-              (torch.from_numpy(data.val_images).float(), torch.from_numpy(data.val_labels)),
+        # Copies: arrays from Ray's object store are read-only.
+        train(model, (torch.tensor(data.fit_images).float(), torch.tensor(data.fit_labels)),
+              (torch.tensor(data.val_images).float(), torch.tensor(data.val_labels)),
               settings, on_epoch=on_epoch, checkpoint_every=0)
     except Exception as err:
         # A diverged loss or a bug: the trial fails (Ray records it as an errored trial).

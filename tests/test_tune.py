@@ -23,7 +23,9 @@ GOOD_SPACE = {
     "trials": 3,
     "epochs": 2,
     "val_size": 0.25,
-    "seed": 0,
+    # TPE's first points are drawn from this seed alone: with seed 3 the second trial (lr
+    # 0.0009) is behind the first (lr 0.13) after an epoch, so ASHA stops it.
+    "seed": 3,
     "normalize": True,
     "asha": {"grace_period": 1, "reduction_factor": 2},
     "space": {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -198,6 +199,9 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    # Ray Tune's older console output: silent at verbose=0 (the newer one prints boxes);
+    # TrialRunCloser prints one line per trial epoch instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     with ray_cluster.connected(params["ray_address"]):
         import ray
 
@@ -227,7 +231,10 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
-                                        num_samples=missing, max_concurrent_trials=concurrent),
+                                        num_samples=missing, max_concurrent_trials=concurrent,
+                                        # One process per concurrent trial, not per trial:
+                                        # torch and MLflow are imported once per worker.
+                                        reuse_actors=True),
             run_config=tune.RunConfig(
                 name=f"tune-{context.parent_run_id}",
                 storage_path=str(cache_root() / "ray_results"), verbose=0, callbacks=[closer],
