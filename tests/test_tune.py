@@ -257,4 +257,7 @@ def test_tiny_sweep_then_reruns_reuse_trials(local_ray, experiment, tmp_path, sa
     assert len(trial_runs(experiment)) == 4
     new = [t for t in trial_runs(experiment) if t.data.tags["mlflow.parentRunId"] == more]
     assert len(new) == 1
+    # Optuna is told the reused trials and proposes a point none of them had.
+    points = [t.data.tags["pipeline.trial_point"] for t in trial_runs(experiment)]
+    assert len(set(points)) == 4
     assert mlflow.get_run(more).data.metrics["trials_reused"] == 3

@@ -209,7 +209,8 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
         context = tune_trial.TrialContext(**{
             **context.__dict__, "env": ray_cluster.worker_env(context.experiment_id, threads)})
         searcher = OptunaSearch(
-            space=distributions(space), metric=METRIC, mode=MODE, seed=space.seed,
+            space=distributions(space), metric=METRIC, mode=MODE,
+            sampler=seeded_sampler(space, len(done)),
             points_to_evaluate=[_searched_point(space, r) for r in done] or None,
             evaluated_rewards=[r.data.metrics[METRIC] for r in done] or None)
         scheduler = ASHAScheduler(
@@ -248,6 +249,23 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
         closer.close_leftovers()
 
 
+def seeded_sampler(space: SearchSpace, done: int):
+    """Optuna's TPE sampler, seeded, with as many proposals drawn and thrown away as trials
+    are reused. A fresh sampler with the same seed would propose the reused trials' points
+    again (TPE draws its first points at random); drawn past them, a sweep continued from
+    `done` trials proposes what the uninterrupted sweep would have (exactly so during TPE's
+    random start-up trials, 10 by default)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=space.seed)
+    if done:
+        scratch = optuna.create_study(sampler=sampler, direction="minimize")
+        for _ in range(done):
+            scratch.tell(scratch.ask(distributions(space)), 0.0)
+    return sampler
+
+
 def _trainable(space: SearchSpace):
     fixed = space.fixed()
 
@@ -276,9 +294,9 @@ class TrialRunCloser(Callback):
         return self.numbers.setdefault(trial.trial_id, self.reused + len(self.numbers) + 1)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        point = trial.config
+        point = {**self.space.fixed(), **trial.config}
         print(f"[tune] trial {self._number(trial)}/{self.total} "
-              f"{point.get('layers', '')}x{point.get('width', '')} "
+              f"{search_space.config_name_of(point)} "
               f"epoch {result['training_iteration']}/{self.space.epochs}  "
               f"val loss {result['val_loss']:.4f} acc {result['val_accuracy']:.4f}  "
               f"train loss {result['train_loss']:.4f}", flush=True)
