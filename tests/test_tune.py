@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO_ROOT, download, runs_in, subprocess_env
+from conftest import download, runs_in
 
 from pipeline.cli import stage_params
 from pipeline.config import load_model_config
@@ -150,19 +150,14 @@ def test_tune_refuses_bad_input_before_ray_or_any_trial(experiment, tmp_path, sa
     assert not ray.is_initialized()
 
 
-def test_cli_exits_2_with_one_line(tracking_store, tmp_path):
-    import subprocess
-    import sys
+def test_cli_exits_2_with_one_line(experiment, tmp_path, capsys):
+    from pipeline.cli import main
 
     path = write_space(tmp_path, with_space(space={"width": {"choices": []}}))
-    done = subprocess.run([sys.executable, "-m", "pipeline", "tune", "--space", str(path),
-                           "--experiment", f"test-tune-cli-{uuid.uuid4().hex[:8]}"],
-                          cwd=REPO_ROOT, env=subprocess_env(tracking_store),
-                          capture_output=True, text=True, timeout=180)
-    assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "space.width.choices" in errors[0]
-    assert "Traceback" not in done.stderr
+    assert main(["tune", "--space", str(path), "--experiment", experiment.name]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("error: ")
+    assert "space.width.choices" in errors[0]
 
 
 # --------------------------------------------------------------------------------------------
