@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 from ray.tune import Callback
 
-from pipeline import ray_cluster, registry, search_space, stage_keys, tracking, tune_trial
+from pipeline import interrupts, ray_cluster, registry, search_space, stage_keys, tracking, tune_trial
 from pipeline.cli import stage_params
 from pipeline.errors import PipelineError
 from pipeline.file_digests import cache_root
@@ -202,6 +202,9 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
     # Ray Tune's older console output: silent at verbose=0 (the newer one prints boxes);
     # TrialRunCloser prints one line per trial epoch instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ctrl-C stays pipeline.interrupts' (the tune run ends KILLED, the command exits 130)
+    # rather than Ray Tune's, which would end the sweep quietly and go on to retrain.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     with ray_cluster.connected(params["ray_address"]):
         import ray
 
@@ -243,10 +246,18 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
         print(f"tune: Ray runs up to {concurrent} trial(s) at a time, {threads} CPU(s)"
               f"{' and ' + format(params['gpus_per_trial'], 'g') + ' GPU' if params['gpus_per_trial'] else ''}"
               f" each")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for every trial
-            tuner.fit()
-        closer.close_leftovers()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna's ExperimentalWarning for every trial
+                tuner.fit()
+        except SystemError as err:
+            # A signal that lands inside Ray's compiled ray.wait comes out wrapped.
+            if isinstance(err.__cause__, interrupts.Interrupted):
+                raise err.__cause__ from None
+            raise
+        finally:
+            # Interrupted, or a worker that died: its trial's run must not stay RUNNING.
+            closer.close_leftovers()
 
 
 def seeded_sampler(space: SearchSpace, done: int):
@@ -324,12 +335,13 @@ class TrialRunCloser(Callback):
         return runs[0] if runs else None
 
     def close_leftovers(self) -> None:
-        """Trial runs Ray left RUNNING (a worker that died): KILLED, never reused."""
+        """Trial runs left RUNNING (the sweep was interrupted, or a worker died): KILLED,
+        never reused; a rerun runs those trials again."""
         for run in mlflow.search_runs(
                 filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
                               f"and attributes.status = 'RUNNING'", output_format="list"):
-            self.client.set_tag(run.info.run_id, tracking.ERROR_TAG,
-                                "the trial's Ray worker ended without finishing its run")
+            self.client.set_tag(run.info.run_id, tracking.INTERRUPTED_TAG,
+                                "the sweep stopped before this trial finished")
             self.client.set_terminated(run.info.run_id, "KILLED")
 
 
