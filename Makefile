@@ -75,6 +75,7 @@ bench: setup
 	$(BIN)/python bench/full_mnist_epoch.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/system_metrics_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/cached_rerun.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/tune_sweep.py --data_dir $(DATA_DIR) --trials 6 --epochs 3
 
 clean:
 	rm -rf $(VENV) mlruns mlartifacts mlflow.db

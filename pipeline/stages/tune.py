@@ -80,7 +80,7 @@ def run(params: dict) -> str:
               f"(val_size {space.val_size}, seed {space.seed}); the test split is not used")
 
         key = stage_keys.tune_trial_key(space, data_run_id, params["cpus_per_trial"], device)
-        mlflow.set_tag(tracking.CACHE_KEY_TAG, key)
+        mlflow.set_tag("pipeline.sweep_trial_key", key)  # the key its trial runs carry
         done = finished_trials(key)[:space.trials]
         missing = space.trials - len(done)
         started = time.perf_counter()
@@ -403,12 +403,16 @@ def _log_plots(space: SearchSpace, table: pd.DataFrame) -> None:
         axes = optuna_plots.plot_optimization_history(study, target_name="val_loss")
         mlflow.log_figure(axes.figure, "optimization_history.png")
         plt.close(axes.figure)
-        if len(table) >= 2 and spaces:
-            axes = optuna_plots.plot_param_importances(study, target_name="val_loss")
-            mlflow.log_figure(axes.figure, "param_importances.png")
-            plt.close(axes.figure)
-        else:
+        if len(table) < 2 or not spaces:
             print("tune: parameter importances need at least 2 trials and a searched parameter")
+            return
+        try:
+            axes = optuna_plots.plot_param_importances(study, target_name="val_loss")
+        except (ValueError, RuntimeError) as err:  # e.g. every trial with the same val_loss
+            print(f"tune: no parameter importances: {err}")
+            return
+        mlflow.log_figure(axes.figure, "param_importances.png")
+        plt.close(axes.figure)
 
 
 def write_config(space: SearchSpace, values: dict) -> Path:
