@@ -104,3 +104,14 @@ def compare_key(params: dict, train_run_ids: list[str]) -> str:
     identity = {"runs": sorted(train_run_ids), "name": params["registered_model_name"],
                 "register": params["register"]}
     return tracking.cache_key("compare", identity, "pipeline.stages.compare")
+
+
+def tune_trial_key(space, data_run_id: str, threads: int, device: str) -> str:
+    """What makes two sweep trials interchangeable: the sweep's space, epochs, split, seed and
+    ASHA rules (`space.digest`, not the number of trials), the sample, the trial's code and
+    what changes its bits here (torch build, the trial's threads, the processor or GPU)."""
+    identity = {
+        "space": space.digest, "data_run_id": data_run_id, "device": device,
+        "numerics": {**numerics(device), "torch_threads": threads},
+    }
+    return tracking.cache_key("tune_trial", identity, "pipeline.tune_trial")

@@ -1,0 +1,125 @@
+"""One sweep trial, as a Ray Tune function trainable: train the sampled point on the fit part
+of the training sample, score it on the validation part every epoch, log it as an MLflow run
+nested under the `tune` run, and report `val_loss` to Ray Tune (ASHA decides on it).
+
+Runs in a Ray worker. It never sees the test split: the driver sends only the fit and
+validation parts. The training itself is pipeline.training.train, the loop `train` uses, with
+the validation part in the place of the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+TRIAL_STAGE = "tune_trial"
+# Tags of a trial run.
+TRIAL_KEY_TAG = "pipeline.trial_key"  # the sweep's trial key: equal keys, interchangeable trials
+POINT_TAG = "pipeline.trial_point"  # the point as JSON, with its types (params are strings)
+RAY_TRIAL_TAG = "pipeline.ray_trial_id"
+EPOCHS_RUN_TAG = "pipeline.epochs_run"
+EARLY_STOP_TAG = "pipeline.early_stopped"
+# What a trial logs per epoch (step = epoch): train's names, with val_* for the validation part.
+EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "epoch_time_s")
+
+
+@dataclass(frozen=True)
+class TrialData:
+    """The fit and validation parts as uint8 pixels (N, 784) and int64 labels: compact in Ray's
+    object store, turned into float32 in the trial as `train` does."""
+
+    fit_images: np.ndarray
+    fit_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    env: dict  # ray_cluster.worker_env: where to log, and the torch threads
+    experiment_id: str
+    parent_run_id: str
+    trial_key: str
+    space_name: str
+    epochs: int
+    seed: int
+    normalize: bool
+    device: str
+
+
+def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
+    """The trainable: `config` is the point Optuna proposed (with the fixed values added)."""
+    import mlflow
+    import torch
+    from mlflow.entities import Metric, Param, RunTag
+    from ray import tune
+
+    from pipeline import search_space, tracking
+    from pipeline.models import build_model, count_parameters
+    from pipeline.train_settings import TrainSettings
+    from pipeline.training import train
+
+    os.environ.update(context.env)
+    torch.set_num_threads(int(context.env["OMP_NUM_THREADS"]))
+    client = mlflow.MlflowClient(tracking_uri=context.env["MLFLOW_TRACKING_URI"])
+    trial_id = tune.get_context().get_trial_id()
+    name = (f"trial-{config['layers']}x{config['width']}{'-bn' if config['batch_norm'] else ''}"
+            f"-{trial_id}")
+    run = client.create_run(context.experiment_id, run_name=name, tags={
+        "mlflow.parentRunId": context.parent_run_id, tracking.STAGE_TAG: TRIAL_STAGE,
+        TRIAL_KEY_TAG: context.trial_key, RAY_TRIAL_TAG: trial_id,
+        POINT_TAG: json.dumps(config, sort_keys=True), "pipeline.sweep": context.space_name,
+    })
+    run_id = run.info.run_id
+    try:
+        params = {**config, "epochs": context.epochs, "seed": context.seed,
+                  "normalize": context.normalize, "device": context.device,
+                  "torch_threads": torch.get_num_threads()}
+        client.log_batch(run_id, params=[Param(k, tracking.format_param(v))
+                                         for k, v in params.items()])
+        torch.manual_seed(context.seed)
+        model = build_model(search_space.model_spec(config), normalize=context.normalize)
+        client.log_metric(run_id, "num_params", count_parameters(model))
+        settings = TrainSettings(epochs=context.epochs, batch_size=int(config["batch_size"]),
+                                 lr=float(config["lr"]), momentum=float(config["momentum"]),
+                                 seed=context.seed, device=context.device)
+
+        def on_epoch(record: dict) -> None:
+            values = {"train_loss": record["train_loss"],
+                      "train_accuracy": record["train_accuracy"],
+                      "val_loss": record["test_loss"], "val_accuracy": record["test_accuracy"],
+                      "epoch_time_s": record["epoch_time_s"]}
+            now = int(time.time() * 1000)
+            # Written before the report: when ASHA stops the trial at this report, the run
+            # already holds the epoch it was judged on.
+            client.log_batch(run_id, metrics=[Metric(k, v, now, record["epoch"])
+                                              for k, v in values.items()],
+                             tags=[RunTag(EPOCHS_RUN_TAG, str(record["epoch"]))])
+            tune.report({**values, "epoch": record["epoch"]})
+
+        # Copies: arrays from Ray's object store are read-only.
+        train(model, (torch.tensor(data.fit_images).float(), torch.tensor(data.fit_labels)),
+              (torch.tensor(data.val_images).float(), torch.tensor(data.val_labels)),
+              settings, on_epoch=on_epoch, checkpoint_every=0)
+    except Exception as err:
+        # A diverged loss or a bug: the trial fails (Ray records it as an errored trial).
+        client.set_tag(run_id, tracking.ERROR_TAG, tracking.error_message(err)[:5000])
+        client.set_terminated(run_id, "FAILED")
+        raise
+    # (A trial ASHA stops leaves through SystemExit from tune.report; the driver ends its run,
+    # see pipeline.stages.tune.TrialRunCloser.)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def split_arrays(images: np.ndarray, labels: np.ndarray, fit: np.ndarray,
+                 val: np.ndarray) -> TrialData:
+    if len(fit) == 0 or len(val) == 0:
+        raise PipelineError("the validation split left no images on one side; change val_size")
+    flat = images.reshape(len(images), -1)
+    return TrialData(flat[fit], labels[fit], flat[val], labels[val])
