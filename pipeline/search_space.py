@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from pipeline.config import read_yaml, resolve_config_path
 from pipeline.errors import PipelineError
-from pipeline.model_spec import validate_model_spec
+from pipeline.model_spec import check_keys, validate_model_spec
 
 TOP_KEYS = {"name", "description", "trials", "epochs", "val_size", "seed", "normalize",
             "registered_model_name", "asha", "space"}
@@ -175,13 +175,7 @@ def load_search_space(name_or_path: str, trials: str = "", epochs: str = "", see
     if not isinstance(space, dict):
         raise PipelineError(f"{path}: `space:` must map each of {', '.join(PARAMETERS)} to a "
                             f"range or choices (see {EXAMPLE})")
-    unknown = set(space) - set(PARAMETERS)
-    missing = set(PARAMETERS) - set(space)
-    if unknown or missing:
-        problems = [f"unknown key(s) {', '.join(sorted(map(str, unknown)))}" if unknown else "",
-                    f"missing key(s) {', '.join(sorted(missing))}" if missing else ""]
-        raise PipelineError(f"{path}: space: {'; '.join(p for p in problems if p)}; it takes "
-                            f"exactly {', '.join(PARAMETERS)} (a fixed value is allowed)")
+    check_keys(f"{path}: space", space, set(PARAMETERS), set(PARAMETERS))
     parameters = {name: _parameter(name, space[name]) for name in PARAMETERS}
     asha = content.get("asha") or {}
     if not isinstance(asha, dict) or set(asha) - ASHA_KEYS:
