@@ -23,6 +23,7 @@ from pipeline import checkpoint_store
 from pipeline.cli import main as cli_main
 from pipeline.cli import stage_params
 from pipeline.errors import PipelineError
+from pipeline.executors import Outcome
 from pipeline.stages import main, train
 from pipeline.training import METRIC_NAMES
 
@@ -211,16 +212,26 @@ def killed_run_with_checkpoint(experiment, key: str, tmp_path) -> str:
     return run_id
 
 
+class RecordingExecutor:
+    """Runs nothing: records the jobs main hands over and answers with a run id for each."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def run(self, jobs, parent_run_id):
+        self.jobs += jobs
+        return [Outcome(job, job.params.get("resume_run_id") or "new", 0.0,
+                        job.params.get("resume_run_id", "")) for job in jobs]
+
+
 def test_main_resumes_a_killed_run_unless_forced(experiment, tmp_path):
     run_id = killed_run_with_checkpoint(experiment, "key-1", tmp_path)
-    calls = []
-    resume = lambda rid: calls.append(("resume", rid)) or rid  # noqa: E731
-    fresh = lambda: calls.append(("fresh",)) or "new"  # noqa: E731
-
-    assert main.Ledger(force=False).step("train", "t", "key-1", fresh, resume=resume) == run_id
-    assert main.Ledger(force=True).step("train", "t", "key-1", fresh, resume=resume) == "new"
-    assert main.Ledger(force=False).step("train", "t", "key-2", fresh, resume=resume) == "new"
-    assert calls == [("resume", run_id), ("fresh",), ("fresh",)]
+    handed = []
+    for force, key in ((False, "key-1"), (True, "key-1"), (False, "key-2")):
+        executor = RecordingExecutor()
+        [got] = main.Ledger(force=force).steps("train", [("t", key, {"seed": 0})], executor, "")
+        handed.append((got, executor.jobs[0].params.get("resume_run_id")))
+    assert handed == [(run_id, run_id), ("new", None), ("new", None)]
 
 
 def test_checkpoint_every_0_writes_no_checkpoint(experiment, sample_run):
