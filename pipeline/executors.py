@@ -73,11 +73,7 @@ class RayExecutor:
     _numerics: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.cpus < 1:
-            raise PipelineError(f"cpus_per_trial={self.cpus}: give each training at least 1 CPU")
-        if self.gpus < 0:
-            raise PipelineError(f"gpus_per_trial={self.gpus}: use 0 (CPU only) or a positive "
-                                f"share of a GPU, e.g. 0.25 to put four trainings on one GPU")
+        ray_cluster.check_resources(self.cpus, self.gpus)
 
     def _options(self) -> dict:
         return {"num_cpus": self.cpus, "num_gpus": self.gpus,

@@ -35,6 +35,15 @@ FORWARDED_ENV = (
 )
 
 
+def check_resources(cpus: int, gpus: float) -> None:
+    """What each task (a training or a trial) asks of the cluster, checked before Ray starts."""
+    if cpus < 1:
+        raise PipelineError(f"cpus_per_trial={cpus}: give each task at least 1 CPU")
+    if not gpus >= 0:
+        raise PipelineError(f"gpus_per_trial={gpus}: use 0 (CPU only) or a positive share of a "
+                            f"GPU, e.g. 0.25 to put four tasks on one GPU")
+
+
 def worker_tracking_uri() -> str:
     """The tracking URI as a worker in another folder must spell it: relative paths made
     absolute (a worker does not start in the driver's working directory)."""

@@ -45,22 +45,13 @@ TABLE_COLUMNS = ["trial", "config", "val_accuracy", "val_loss", "epochs_run", "e
                  "reused", "run_id"]
 
 
-def validate_resources(params: dict) -> None:
-    if params["cpus_per_trial"] < 1:
-        raise PipelineError(f"cpus_per_trial must be a positive whole number, got "
-                            f"{params['cpus_per_trial']}")
-    if not params["gpus_per_trial"] >= 0:
-        raise PipelineError(f"gpus_per_trial must be 0 or more (e.g. 0.5 shares a GPU between "
-                            f"two trials), got {params['gpus_per_trial']}")
-
-
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "tune", params) as parent:
         # Everything the user can get wrong is checked before Ray starts or a trial runs.
         space = search_space.load_search_space(
             params["space"], params["trials"], params["epochs"], params["seed"],
             params["val_size"], params["registered_model_name"])
-        validate_resources(params)
+        ray_cluster.check_resources(params["cpus_per_trial"], params["gpus_per_trial"])
         device = "cuda" if params["gpus_per_trial"] > 0 else "cpu"
         mlflow.set_tags({"mlflow.runName": f"tune-{space.name}", "pipeline.sweep": space.name})
         tracking.log_params_once({
