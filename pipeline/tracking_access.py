@@ -84,13 +84,18 @@ def _http_status(err: BaseException) -> int | None:
 
 def _unreachable(err: BaseException) -> str | None:
     """Why the server did not answer, if that is what `err` (or what it came from) says."""
+    chain = []
     seen = err
-    while seen is not None:
-        if isinstance(seen, requests.exceptions.Timeout):
-            return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
-        if isinstance(seen, requests.exceptions.ConnectionError):
-            return "connection refused" if "refused" in str(seen).lower() else "no connection"
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
         seen = seen.__cause__ or seen.__context__
+    # A server that accepts and never answers shows as requests' ConnectionError wrapping
+    # urllib3's retries wrapping a read timeout: the timeout, further down, is the news.
+    if any(isinstance(link, (requests.exceptions.Timeout, TimeoutError)) for link in chain):
+        return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+    for link in chain:
+        if isinstance(link, requests.exceptions.ConnectionError):
+            return "connection refused" if "refused" in str(link).lower() else "no connection"
     # MLflow's REST client wraps the requests error in a message of its own.
     text = str(err)
     if isinstance(err, MlflowException) and "API request to" in text:

@@ -3,8 +3,11 @@ numerics in `train`'s key. A key that misses an input reuses a run it should not
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,14 +79,30 @@ def test_raw_files_enter_the_sample_key_by_content(tmp_path):
     content = bytearray(labels.read_bytes())
     content[-1] = (content[-1] + 1) % 10
     labels.write_bytes(bytes(content))
-    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime...
-    file_digests.memo_path().unlink()  # ...once the memo is gone
+    os.utime(labels, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with the old mtime
     assert sample_key(data.root) != key
 
 
-def test_a_file_digest_is_hashed_once_while_size_and_mtime_hold(tmp_path, monkeypatch):
+def test_a_rewrite_with_the_same_size_and_mtime_is_hashed_again(tmp_path):
+    """What `cp -p`, `rsync -t` or an editor that restores the mtime leave behind."""
+    path = tmp_path / "file"
+    path.write_bytes(b"a" * 1000)
+    stat = path.stat()
+    old = stat.st_mtime_ns - 60 * 10**9
+    os.utime(path, ns=(old, old))
+    time.sleep(file_digests.RACY_WINDOW_S + 0.1)  # an entry the memo trusts
+    first = file_digests.file_digest(path)
+    assert str(path.resolve()) in json.loads(file_digests.memo_path().read_text())
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(old, old))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == old
+    assert file_digests.file_digest(path) != first
+
+
+def test_a_file_digest_is_hashed_once_while_the_file_is_untouched(tmp_path, monkeypatch):
     path = tmp_path / "file"
     path.write_bytes(b"x" * 1000)
+    time.sleep(file_digests.RACY_WINDOW_S + 0.1)
     calls = []
     real = file_digests.hashlib.file_digest
     monkeypatch.setattr(file_digests.hashlib, "file_digest",
@@ -133,3 +152,26 @@ def test_train_key_changes_with_the_configs_content_not_its_name(tmp_path):
     assert train_key(config=str(copy)) == train_key(config="mlp3")
     copy.write_text(copy.read_text().replace("units: 512}", "units: 256}", 1))
     assert train_key(config=str(copy)) != train_key(config="mlp3")
+
+
+def test_a_sample_drawn_into_an_empty_data_dir_is_reused_by_the_next_run(
+        tmp_path, experiment, monkeypatch):
+    """The first `make run` on a new machine downloads MNIST; the second must not draw (and
+    train on) a new sample because the first one's key was taken before the files existed."""
+    from torchvision.datasets import MNIST
+
+    from pipeline.stages import sample_data
+
+    mirror = write_tiny_mnist(tmp_path / "mirror")
+
+    def download_from_the_mirror(self):  # stands in for the network only
+        Path(self.raw_folder).mkdir(parents=True, exist_ok=True)
+        for raw_file in mirror.raw.iterdir():
+            shutil.copy(raw_file, self.raw_folder)
+
+    monkeypatch.setattr(MNIST, "download", download_from_the_mirror)
+    params = stage_params("sample_data", {"data_dir": str(tmp_path / "data"), "download": True,
+                                          "samples_per_class": 5})
+    first = sample_data.run(params)
+    cached = tracking.find_cached_run(stage_keys.sample_data_key(params))
+    assert cached is not None and cached.info.run_id == first

@@ -5,12 +5,11 @@ unreachable server. The real server is in test_team_server.py."""
 from __future__ import annotations
 
 import os
+import socket
 
 import mlflow
 import pytest
-import requests
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
 from pipeline import tracking_access
 from pipeline.server.__main__ import main as server_main
@@ -48,37 +47,46 @@ def test_stop_with_nothing_running_says_so(tmp_path, capsys):
     assert capsys.readouterr().out.strip() == f"nothing was running from {tmp_path}"
 
 
-def test_a_refused_login_names_the_user_and_the_variables(remote):
-    remote.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-    refused = MlflowException("API request ... failed with error code 401", UNAUTHENTICATED)
-    assert str(tracking_access.explain(refused)) == (
-        f"the tracking server {URI} refused the login of user 'alice' (wrong password or no "
-        f"such user): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+# A refused login and a denied write are checked against the real server with logins, in
+# test_team_server.py (test_a_wrong_password_stops_the_command_in_one_line,
+# test_a_stage_without_the_right_login_says_so_and_leaves_no_run).
 
 
-def test_no_login_says_which_variables_to_set(remote):
-    refused = MlflowException("API request ... failed with error code 401", UNAUTHENTICATED)
-    assert str(tracking_access.explain(refused)) == (
-        f"the tracking server {URI} requires a login: set MLFLOW_TRACKING_USERNAME and "
-        f"MLFLOW_TRACKING_PASSWORD")
+@pytest.fixture
+def quick_http(monkeypatch):
+    """One try, a short wait: the real client's real errors, in a second."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "1")
 
 
-def test_a_denied_write_names_the_experiment(remote):
-    denied = MlflowException("Permission denied", PERMISSION_DENIED)
-    message = str(tracking_access.explain(denied, "mnist-mlp"))
-    assert "a stage needs EDIT on experiment 'mnist-mlp'" in message
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
-def test_a_refused_connection_names_the_uri(remote):
-    try:
-        try:
-            raise requests.exceptions.ConnectionError("[Errno 111] Connection refused")
-        except requests.exceptions.ConnectionError as cause:
-            raise MlflowException(f"API request to {URI}/api/2.0/x failed with exception "
-                                  f"{cause}")  # as MLflow's REST client does
-    except MlflowException as err:
-        message = str(tracking_access.explain(err))
-    assert message.startswith(f"cannot reach the tracking server {URI} (connection refused; ")
+def _explained_failure(uri: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    with pytest.raises(MlflowException) as raised:
+        mlflow.search_experiments()
+    explained = tracking_access.explain(raised.value)
+    assert explained is not None, f"not recognised: {raised.value}"
+    return str(explained)
+
+
+def test_a_refused_connection_names_the_uri(remote, quick_http):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    assert _explained_failure(uri).startswith(
+        f"cannot reach the tracking server {uri} (connection refused; ")
+
+
+def test_a_server_that_never_answers_names_the_wait(remote, quick_http):
+    with socket.socket() as silent:  # accepts connections (the kernel does), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        message = _explained_failure(uri)
+    assert message.startswith(f"cannot reach the tracking server {uri} (no answer")
 
 
 def test_other_errors_are_left_alone(remote):

@@ -30,13 +30,14 @@ DATA_ROOT_TAG = "data_root"
 
 def run(params: dict) -> str:
     """Draw and log a sample; returns the run id."""
-    tags = {tracking.CACHE_KEY_TAG: stage_keys.sample_data_key(params)}
-    with tracking.stage_run(STAGE, stage_keys.sample_data_run_name(params), params,
-                            tags) as run:
+    with tracking.stage_run(STAGE, stage_keys.sample_data_run_name(params), params) as run:
         per_class = sampling.parse_samples_per_class(params["samples_per_class"])
         sample = draw_sample(
             params["data_dir"], per_class, params["sampling"], params["seed"], params["download"],
         )
+        # Keyed only now: the key holds the raw files' digests, and on a first run into an
+        # empty data_dir the files exist only once draw_sample has downloaded them.
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.sample_data_key(params))
         mlflow.set_tag(DATA_ROOT_TAG, str(Path(params["data_dir"]).expanduser().resolve()))
         counts = pd.DataFrame(
             {split: sample.split(split).class_counts() for split in SPLITS}
