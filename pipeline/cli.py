@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 
 from pipeline import interrupts
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.stages import STAGES
 
     tracking_access.apply_http_defaults()
+    quiet_progress_bars_off_a_terminal()
     try:
         params = stage_params(stage, args)
         tracking.use_experiment(experiment)
@@ -108,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{stage} finished: run {run_id}")
     return 0
+
+
+def quiet_progress_bars_off_a_terminal() -> None:
+    """MLflow draws a bar for every artifact it fetches; in a log file that is most of the
+    output. Bars stay on a terminal; the user's own setting wins either way."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def interrupted_message(stage: str, stop: interrupts.Interrupted) -> str:

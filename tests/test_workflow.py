@@ -1015,3 +1015,19 @@ def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
 
     with pytest.raises(PipelineError, match="seeds must be whole numbers"):
         load_study("depth_study", seeds="0,one")
+
+
+def test_a_stage_logged_to_a_file_prints_no_download_bars(study: Study, tracking_store):
+    """`make run > log`: the log is epoch lines and tables, not one bar per artifact fetched."""
+    [sample] = study.children()["sample_data"]
+    [train, *_] = study.children()["train"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "evaluate", "--experiment", study.experiment.name,
+         "--model_uri", train.data.tags[tracking.MODEL_URI_TAG], "--data_run_id", sample.info.run_id],
+        cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Downloading artifacts" not in output, output[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("evaluate finished: run ")
