@@ -54,6 +54,8 @@ def command_problems(text: str) -> list[str]:
                 for flag, value in zip(tokens, tokens[1:]):
                     if flag in ("-e", "--entry-point"):
                         stage = value
+                if stage.startswith("<"):
+                    continue  # `mlflow run . -e <stage>`: a placeholder
                 if stage not in points:
                     problems.append(f"{command!r}: no entry point {stage!r}")
                     continue
@@ -96,6 +98,7 @@ def test_a_misspelled_parameter_or_stage_in_a_doc_is_caught():
     python -m pipeline trian --config mlp4
     make run ARGS="-P epoch=2"
     python -m pipeline <stage> --help
+    mlflow run . -e <stage> -P <name>=<value>
     python -m pipeline main --study experiments/depth_seeds.yaml --executor ray  # fine
     ```
     """
@@ -114,3 +117,104 @@ def test_a_broken_link_is_caught(tmp_path):
     doc.write_text("[there](page.md) [gone](missing.png) [web](https://mlflow.org) [top](#top)")
     assert link_problems(doc, root=tmp_path) == [
         "page.md: link to missing.png resolves to nothing"]
+
+
+# --- Reference tables that the code, not a person, keeps true ---------------------------------
+
+# NAME_WITH_UNDERSCORES, or one of PostgreSQL's, which have none (PGPASSFILE, PGDATA).
+ENV_NAME = re.compile(r"""["']([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+|PG[A-Z]+)["']""")
+# Upper-case string literals beside os.environ that are not environment variables.
+NOT_ENV = {"PG_VERSION"}  # a file in a PostgreSQL cluster's folder
+MAKE_VARIABLE = re.compile(r"^(?:export )?([A-Z_]+) \?=", re.M)
+MAKE_REFERENCE = re.compile(r"\$\(([A-Z_]+)\)")
+CODE_NAME = re.compile(r"`([^`]+)`")
+
+
+def table_rows(page: Path, heading: str) -> list[str]:
+    """The first cell of each row of the table under `heading` (a Markdown heading's text)."""
+    text = page.read_text()
+    start = text.index(f"\n{heading}\n") + 1
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if line.startswith("#"):
+            break
+        if line.startswith("| ") and not line.startswith("| ---"):
+            rows.append(line.split("|")[1].strip())
+    return rows[1:]  # the header row
+
+
+def environment_variables(package: Path = REPO_ROOT / "pipeline") -> set[str]:
+    """Every variable name a module of the package reads from or sets in its environment."""
+    names = set()
+    for module in package.rglob("*.py"):
+        source = module.read_text()
+        if "os.environ" in source or "getenv" in source:
+            names |= set(ENV_NAME.findall(source))
+    return names - NOT_ENV
+
+
+def makefile_variables(makefile: Path = REPO_ROOT / "Makefile") -> set[str]:
+    """What `make VAR=...` can set: the `?=` defaults and the variables used but never set."""
+    text = makefile.read_text()
+    assigned = set(re.findall(r"^(?:export )?([A-Z_]+) [:?]?=", text, re.M))
+    return set(MAKE_VARIABLE.findall(text)) | (set(MAKE_REFERENCE.findall(text)) - assigned)
+
+
+def test_every_environment_variable_the_code_reads_or_sets_is_in_one_table():
+    page = REPO_ROOT / "docs" / "configuration.md"
+    rows = [CODE_NAME.sub(r"\1", row) for row in table_rows(page, "## Environment variables")]
+    assert sorted(set(rows)) == sorted(rows), "a variable has two rows"
+    assert sorted(environment_variables()) == sorted(rows)
+
+
+def test_every_makefile_variable_is_in_one_table():
+    page = REPO_ROOT / "docs" / "configuration.md"
+    rows = [CODE_NAME.sub(r"\1", row) for row in table_rows(page, "## Makefile variables")]
+    assert sorted(set(rows)) == sorted(rows), "a variable has two rows"
+    assert sorted(makefile_variables()) == sorted(rows)
+
+
+def test_the_reference_tables_see_a_new_variable(tmp_path):
+    (tmp_path / "a.py").write_text('import os\nX = os.environ.get("PIPELINE_NEW_KNOB")\n')
+    (tmp_path / "b.py").write_text('LABEL = "NOT_AN_ENV_READ"\n')  # no os.environ here
+    assert environment_variables(tmp_path) == {"PIPELINE_NEW_KNOB"}
+    (tmp_path / "Makefile").write_text("A ?= 1\nB := 2\nrun:\n\techo $(A) $(B) $(C)\n")
+    assert makefile_variables(tmp_path / "Makefile") == {"A", "C"}
+
+
+def test_the_architecture_page_lists_every_module_once():
+    page = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    listed = re.findall(r"`(pipeline/[\w/]+\.py)`", page)
+    modules = sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "pipeline").rglob("*.py"))
+    assert sorted(set(listed)) == sorted(listed), "a module is listed twice"
+    assert sorted(listed) == modules
+
+
+def test_the_parameter_reference_is_the_one_generated_from_mlproject():
+    page = REPO_ROOT / "docs" / "stages.md"
+    parameters = _load_generator()
+    assert parameters.render(page.read_text(), entry_points()) == page.read_text(), (
+        "docs/stages.md's parameter tables differ from MLproject: run python docs/parameters.py")
+
+
+def test_the_generated_reference_has_every_parameter_of_every_stage():
+    reference = _load_generator().parameter_reference(entry_points())
+    for stage, point in entry_points().items():
+        assert f"### `{stage}`" in reference
+        for name in point.get("parameters", {}):
+            assert f"| `{name}` |" in reference
+
+
+def test_evaluate_is_described_as_loading_the_model_the_way_it_does():
+    description = entry_points()["evaluate"]["description"]
+    source = (REPO_ROOT / "pipeline" / "stages" / "evaluate.py").read_text()
+    assert "mlflow.pytorch.load_model(" in source and "pyfunc.load_model(" not in source
+    assert "mlflow.pytorch" in description and "pyfunc" not in description
+
+
+def _load_generator():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("parameters", REPO_ROOT / "docs" / "parameters.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
