@@ -68,14 +68,24 @@ def command_problems(text: str) -> list[str]:
     return problems
 
 
+def anchors(page: Path) -> set[str]:
+    """The fragments GitHub gives a page's headings: lower case, punctuation dropped,
+    spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def link_problems(doc: Path, root: Path = REPO_ROOT) -> list[str]:
     problems = []
     for target in LINK.findall(doc.read_text()):
-        if re.match(r"^(https?:|mailto:|#)", target):
+        if re.match(r"^(https?:|mailto:)", target):
             continue
-        path = (doc.parent / target.split("#")[0]).resolve()
+        file, _, fragment = target.partition("#")
+        path = (doc.parent / file).resolve() if file else doc
         if not path.exists():
             problems.append(f"{doc.relative_to(root)}: link to {target} resolves to nothing")
+        elif fragment and path.suffix == ".md" and fragment not in anchors(path):
+            problems.append(f"{doc.relative_to(root)}: link to {target} names no heading there")
     return problems
 
 
@@ -114,9 +124,19 @@ def test_a_misspelled_parameter_or_stage_in_a_doc_is_caught():
 
 def test_a_broken_link_is_caught(tmp_path):
     doc = tmp_path / "page.md"
-    doc.write_text("[there](page.md) [gone](missing.png) [web](https://mlflow.org) [top](#top)")
+    doc.write_text("# Top\n[there](page.md) [gone](missing.png) [web](https://mlflow.org) [top](#top)")
     assert link_problems(doc, root=tmp_path) == [
         "page.md: link to missing.png resolves to nothing"]
+
+
+def test_a_link_to_a_missing_heading_is_caught(tmp_path):
+    (tmp_path / "other.md").write_text("# Other\n\n## Full MNIST, per-sample `cost`\n")
+    doc = tmp_path / "page.md"
+    doc.write_text("# Page: the `tune` stage\n\n[a](other.md#full-mnist-per-sample-cost) "
+                   "[b](#page-the-tune-stage) [c](other.md#gone) [d](#nowhere)\n")
+    assert link_problems(doc, root=tmp_path) == [
+        "page.md: link to other.md#gone names no heading there",
+        "page.md: link to #nowhere names no heading there"]
 
 
 # --- Reference tables that the code, not a person, keeps true ---------------------------------
