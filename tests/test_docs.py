@@ -30,11 +30,26 @@ def _tokens(command: str) -> list[str]:
         return command.split()
 
 
+FENCE = re.compile(r"^[ \t]*```.*?^[ \t]*```", re.M | re.S)
+INLINE_CODE = re.compile(r"`[^`]+`")
+
+
+def _unwrap_inline_code(text: str) -> str:
+    """An inline code span may wrap onto the next line; a fenced block keeps its lines."""
+    pieces, last = [], 0
+    for fence in FENCE.finditer(text):
+        prose = text[last:fence.start()]
+        pieces += [INLINE_CODE.sub(lambda m: m.group(0).replace("\n", " "), prose), fence.group(0)]
+        last = fence.end()
+    pieces.append(INLINE_CODE.sub(lambda m: m.group(0).replace("\n", " "), text[last:]))
+    return "".join(pieces)
+
+
 def command_problems(text: str) -> list[str]:
     """What is wrong with each command in `text`: an unknown stage or parameter."""
     points = entry_points()
     problems = []
-    for match in COMMAND.finditer(text):
+    for match in COMMAND.finditer(_unwrap_inline_code(text)):
         command = match.group(1).strip()
         tokens = _tokens(command)
         if command.startswith("make run ARGS="):
@@ -120,6 +135,13 @@ def test_a_misspelled_parameter_or_stage_in_a_doc_is_caught():
         "'python -m pipeline trian --config mlp4': no stage 'trian'",
         "'make run ARGS=\"-P epoch=2\"': main has no parameter 'epoch'",
     ]
+
+
+def test_a_command_wrapped_over_two_lines_is_read_whole():
+    text = "the sweep (`python -m pipeline tune --data_dir data\n--trails 6`) and\n" \
+           "```\npython -m pipeline tune --trials 6\n--not-an-option\n```\n"
+    assert command_problems(text) == [
+        "'python -m pipeline tune --data_dir data --trails 6': tune has no parameter 'trails'"]
 
 
 def test_a_broken_link_is_caught(tmp_path):
