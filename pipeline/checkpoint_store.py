@@ -217,10 +217,21 @@ def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
 
 
 def has_checkpoint(run_id: str) -> bool:
+    """Whether the run left a checkpoint to resume from, here or in its artifacts.
+
+    PipelineError (one line) when the artifact store cannot be asked: "no checkpoint" would
+    make the caller train that run's epochs again from the first, silently.
+    """
     if (local_dir(run_id) / FILE_NAME).is_file():
         return True
     try:
-        return any(a.path == ARTIFACT_PATH
-                   for a in mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR))
-    except Exception:  # noqa: BLE001 - an unreadable artifact store means no usable checkpoint
-        return False
+        listed = mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the answer is unknown
+        from pipeline import tracking_access
+
+        reason = _first_line(tracking_access.explain(err) or err)
+        raise PipelineError(
+            f"cannot tell whether run {run_id} left a checkpoint to resume from, so it is "
+            f"neither resumed nor started over: {reason}"
+        ) from err
+    return any(artifact.path == ARTIFACT_PATH for artifact in listed)

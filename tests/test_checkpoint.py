@@ -609,3 +609,46 @@ def test_a_failed_write_is_not_forgotten_when_an_older_checkpoint_uploads(
     assert store.close(timeout=30) is False
     assert "No space left on device" in capsys.readouterr().err
     assert load_checkpoint(store.path)["epochs_done"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Asking whether a run has a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_artifacts(tracking_store, monkeypatch):
+    """An experiment whose artifacts are on a server that does not answer (its runs and tags,
+    in the tracking store, still do)."""
+    from pipeline.server.tracking_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = mlflow.MlflowClient()
+    location = f"http://127.0.0.1:{free_port()}/api/2.0/mlflow-artifacts/artifacts/x"
+    experiment_id = client.create_experiment(f"unreachable-{time.time_ns()}",
+                                             artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def test_has_checkpoint_tells_none_from_a_server_that_does_not_answer(
+    experiment, unreachable_artifacts
+):
+    client = mlflow.MlflowClient()
+    without = client.create_run(experiment.id).info.run_id
+    assert checkpoint_store.has_checkpoint(without) is False
+    unknown = client.create_run(unreachable_artifacts).info.run_id
+    with pytest.raises(PipelineError) as refused:
+        checkpoint_store.has_checkpoint(unknown)
+    assert unknown in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_main_does_not_start_over_when_it_cannot_ask_for_a_checkpoint(unreachable_artifacts):
+    from pipeline.stages import main
+
+    client = mlflow.MlflowClient()
+    killed = client.create_run(unreachable_artifacts,
+                               tags={"pipeline.cache_key": "key-1"}).info.run_id
+    client.set_terminated(killed, "KILLED")
+    with pytest.raises(PipelineError, match=killed):
+        main.Ledger(force=False).decide("key-1", resumable=True)
