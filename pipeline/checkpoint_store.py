@@ -61,8 +61,12 @@ class CheckpointStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / FILE_NAME
         self.saved_epoch = 0  # newest on local disk
-        self.uploaded_epoch = 0  # newest in the artifacts
-        self.error: Exception | None = None
+        self.uploaded_epoch = 0  # newest this store knows to be in the artifacts
+        # The newest state's write failed (cleared only by a newer write), and the newest
+        # file's upload failed (cleared by an upload): each its own, so that one cannot hide
+        # the other.
+        self.write_error: Exception | None = None
+        self.upload_error: Exception | None = None
         self.upload_interval_s = upload_interval_s()
         self._pending: tuple[dict, dict] | None = None  # a copied state and its meta, unwritten
         self._wake = threading.Condition()
@@ -94,6 +98,7 @@ class CheckpointStore:
             self._wake.wait(timeout=too_soon if unsent else None)
 
     def _work(self) -> None:
+        self._adopt_earlier_checkpoint()
         last_upload = -math.inf
         while True:
             with self._wake:
@@ -109,15 +114,32 @@ class CheckpointStore:
             if not self._upload(epoch) and closing:
                 return  # the last try failed: the local copy stays
 
-    def _write(self, state: dict, meta: dict) -> None:
-        from pipeline.checkpoint import save_checkpoint
+    def _adopt_earlier_checkpoint(self) -> None:
+        """A resumed run's folder can hold the previous attempt's newest checkpoint, which that
+        attempt may not have uploaded: it counts as written and not uploaded, so it is uploaded
+        (again, at worst) before the folder may go."""
+        from pipeline import checkpoint
 
+        if not self.path.is_file():
+            return
         try:
-            save_checkpoint(self.path, state, meta)
-        except Exception as err:  # noqa: BLE001 - reported by close(); training goes on
-            self.error = err
+            epochs_done = checkpoint.load_checkpoint(self.path)["epochs_done"]
+        except PipelineError as err:  # unreadable: kept for the user to look at, never deleted
+            self.write_error = err
             return
         with self._wake:
+            self.saved_epoch = epochs_done
+
+    def _write(self, state: dict, meta: dict) -> None:
+        from pipeline import checkpoint
+
+        try:
+            checkpoint.save_checkpoint(self.path, state, meta)
+        except Exception as err:  # noqa: BLE001 - reported by close(); training goes on
+            self.write_error = err
+            return
+        with self._wake:
+            self.write_error = None  # the newest state is on disk after all
             self.saved_epoch = state["epochs_done"]
 
     def _upload(self, epoch: int) -> bool:
@@ -128,32 +150,51 @@ class CheckpointStore:
             shutil.copyfile(self.path, snapshot)
             self.client.log_artifact(self.run_id, str(snapshot), ARTIFACT_DIR)
         except Exception as err:  # noqa: BLE001 - kept locally and tried again
-            self.error = err
+            self.upload_error = err
             return False
         with self._wake:
-            self.error = None
+            self.upload_error = None
             self.uploaded_epoch = max(self.uploaded_epoch, epoch)
         return True
 
     def close(self, timeout: float = 60) -> bool:
         """Write and upload the newest checkpoint; True when it reached the artifacts.
 
-        The local copy is deleted only once the newest checkpoint is uploaded.
+        The local folder is deleted only when the newest state was written and that file is
+        uploaded; otherwise it stays, and one line on stderr says why and where.
         """
         with self._wake:
             self._closing = True
             self._wake.notify()
         self._worker.join(timeout)
-        done = (not self._worker.is_alive() and self._pending is None
-                and self.uploaded_epoch == self.saved_epoch and self.error is None)
+        finished = not self._worker.is_alive() and self._pending is None
+        done = (finished and self.write_error is None
+                and self.uploaded_epoch == self.saved_epoch)
         if done:
             shutil.rmtree(self.folder, ignore_errors=True)
         else:
-            reason = f": {str(self.error).splitlines()[0]}" if self.error else ""
-            where = f"kept at {self.path}" if self.saved_epoch else "none written"
-            print(f"checkpoint of epoch {self.saved_epoch} not uploaded{reason}; {where} for a "
-                  f"resume on this machine", file=sys.stderr, flush=True)
+            kept = f"epoch {self.saved_epoch} kept at {self.path}" if self.saved_epoch else (
+                "none written")
+            print(f"checkpoint {self._why_kept(finished)}; {kept} for a resume on this machine",
+                  file=sys.stderr, flush=True)
         return done
+
+    def _why_kept(self, finished: bool) -> str:
+        if self.write_error is not None:
+            return f"of the newest epoch not written: {_first_line(self.write_error)}"
+        if self.upload_error is not None:
+            return f"of epoch {self.saved_epoch} not uploaded: {_first_line(self.upload_error)}"
+        return f"of epoch {self.saved_epoch} not uploaded{'' if finished else ' in time'}"
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the newest checkpoint is not (yet) safe in the artifacts, if a write or an upload
+        failed."""
+        return self.write_error or self.upload_error
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
@@ -176,10 +217,21 @@ def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
 
 
 def has_checkpoint(run_id: str) -> bool:
+    """Whether the run left a checkpoint to resume from, here or in its artifacts.
+
+    PipelineError (one line) when the artifact store cannot be asked: "no checkpoint" would
+    make the caller train that run's epochs again from the first, silently.
+    """
     if (local_dir(run_id) / FILE_NAME).is_file():
         return True
     try:
-        return any(a.path == ARTIFACT_PATH
-                   for a in mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR))
-    except Exception:  # noqa: BLE001 - an unreadable artifact store means no usable checkpoint
-        return False
+        listed = mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)
+    except Exception as err:  # noqa: BLE001 - whatever it is, the answer is unknown
+        from pipeline import tracking_access
+
+        reason = _first_line(tracking_access.explain(err) or err)
+        raise PipelineError(
+            f"cannot tell whether run {run_id} left a checkpoint to resume from, so it is "
+            f"neither resumed nor started over: {reason}"
+        ) from err
+    return any(artifact.path == ARTIFACT_PATH for artifact in listed)

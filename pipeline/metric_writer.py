@@ -3,8 +3,9 @@
 A synchronous write blocks training for as long as the server is away (MLflow's own HTTP
 retries took about two minutes for a 60 s outage). Here each epoch's points go into a queue
 and training goes on; one thread sends them in order, retrying a failed batch until it goes
-through. `flush()` waits for the queue to empty, up to the retry window; past it the points
-are declared lost with a PipelineError naming the tracking URI (the run's checkpoint, kept
+through. `flush()`, at the end of training, waits for the queue to empty for up to the retry
+window, counted from that call (an outage during training does not shorten it); past it the
+points are declared lost with a PipelineError naming the tracking URI (the run's checkpoint, kept
 locally until uploaded, still allows a resume that writes them again).
 """
 
@@ -37,7 +38,8 @@ class MetricWriter:
         self.run_id = run_id
         self.window_s = retry_window_s()
         self._batches: queue.Queue[list[Metric] | None] = queue.Queue()
-        self._failing_since: float | None = None
+        # Why the newest attempt to write failed; None once a write goes through again, so
+        # that it says whether the server refuses writes now, not whether it ever did.
         self.last_error: Exception | None = None
         self._thread = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"metrics-{run_id[:8]}")
@@ -61,10 +63,8 @@ class MetricWriter:
             self.client.log_batch(self.run_id, metrics=batch)
         except Exception as err:  # noqa: BLE001 - any failure to write is retried
             self.last_error = err
-            if self._failing_since is None:
-                self._failing_since = time.monotonic()
             return False
-        self._failing_since = None
+        self.last_error = None
         return True
 
     @property
@@ -72,18 +72,17 @@ class MetricWriter:
         return self._batches.unfinished_tasks
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every queued point is written; PipelineError once the server has
-        refused writes for longer than the retry window (or `timeout` runs out)."""
-        deadline = time.monotonic() + (self.window_s if timeout is None else timeout)
+        """Wait until every queued point is written; PipelineError when they are not, within
+        the retry window from now (or `timeout` seconds)."""
+        wait_s = self.window_s if timeout is None else timeout
+        deadline = time.monotonic() + wait_s
         while self.pending:
-            failing = self._failing_since
-            if time.monotonic() > deadline or (
-                failing is not None and time.monotonic() - failing > self.window_s
-            ):
-                reason = str(self.last_error).splitlines()[0] if self.last_error else "no answer"
+            if time.monotonic() > deadline:
+                error = self.last_error
+                reason = str(error).splitlines()[0].rstrip(".") if error else "no answer"
                 raise PipelineError(
                     f"the tracking server {mlflow.get_tracking_uri()} did not take this run's "
-                    f"metrics ({self.pending} epoch(s) pending) within {self.window_s:.0f} s: "
+                    f"metrics ({self.pending} epoch(s) pending) within {wait_s:.0f} s: "
                     f"{reason}. When it is back, resume the run with resume_run_id="
                     f"{self.run_id}; its checkpoint is kept on this machine"
                 )

@@ -41,6 +41,7 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
 
     from pipeline import interrupts, tracking
     from pipeline.checkpoint_store import has_checkpoint
+    from pipeline.errors import PipelineError
     from pipeline.stages import STAGES
 
     started = time.perf_counter()
@@ -51,7 +52,13 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     earlier = next((run for run in tracking.find_runs_tagged(tracking.TASK_TAG, task_id)
                     if run.info.status != "FINISHED"), None)
     resumed = ""
-    if earlier is not None and stage == "train" and has_checkpoint(earlier.info.run_id):
+    try:
+        resumable = earlier is not None and stage == "train" and has_checkpoint(
+            earlier.info.run_id)
+    except PipelineError as err:  # unknown: neither resumed nor started over; the driver says so
+        return {"run_id": earlier.info.run_id, "error": str(err), "interrupted": False,
+                "resumed": "", "seconds": round(time.perf_counter() - started, 2)}
+    if resumable:
         resumed = earlier.info.run_id
         params = {**params, "resume_run_id": resumed}
         print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)

@@ -541,3 +541,114 @@ def test_meta_differences_show_keys_only_one_side_has():
     assert meta_differences(found, expected) == [
         "normalize False vs <absent>", "precision <absent> vs bf16",
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# What the store keeps and deletes
+# --------------------------------------------------------------------------------------------
+
+
+def unreachable_client(monkeypatch) -> mlflow.MlflowClient:
+    """A client of a tracking server that is down: nothing listens on the port."""
+    from pipeline.server.tracking_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    return mlflow.MlflowClient(f"http://127.0.0.1:{free_port()}")
+
+
+def left_by_an_earlier_attempt(run_id: str, state: dict) -> Path:
+    """The local checkpoint an attempt killed before uploading it leaves behind."""
+    local = checkpoint_store.local_dir(run_id) / checkpoint_store.FILE_NAME
+    local.parent.mkdir(parents=True)
+    save_checkpoint(local, state, META)
+    return local
+
+
+def test_a_resumed_attempt_stopped_at_once_keeps_the_earlier_local_checkpoint(
+    two_epoch_state, experiment, monkeypatch
+):
+    run_id = mlflow.MlflowClient().create_run(experiment.id).info.run_id
+    local = left_by_an_earlier_attempt(run_id, two_epoch_state)
+    # The resumed attempt is stopped before its first checkpoint, the server still down.
+    store = CheckpointStore(run_id, unreachable_client(monkeypatch))
+    assert store.close(timeout=10) is False
+    assert load_checkpoint(local)["epochs_done"] == 2
+
+
+def test_a_resumed_attempt_uploads_the_earlier_checkpoint_before_deleting_it(
+    two_epoch_state, experiment
+):
+    run_id = mlflow.MlflowClient().create_run(experiment.id).info.run_id
+    left_by_an_earlier_attempt(run_id, two_epoch_state)
+    assert CheckpointStore(run_id).close(timeout=30) is True
+    assert not checkpoint_store.local_dir(run_id).exists()
+    checkpoint, source = checkpoint_store.fetch_checkpoint(run_id)
+    assert checkpoint["epochs_done"] == 2 and checkpoint_store.ARTIFACT_PATH in source
+
+
+def test_a_failed_write_is_not_forgotten_when_an_older_checkpoint_uploads(
+    two_epoch_state, experiment, monkeypatch, capsys
+):
+    monkeypatch.setenv(checkpoint_store.UPLOAD_INTERVAL_ENV, "0")
+    real_save = checkpoint_module.save_checkpoint
+
+    def save(path, state, meta):
+        if state["epochs_done"] == 2:
+            raise PipelineError(f"cannot write the checkpoint {path}: No space left on device")
+        time.sleep(0.5)  # epoch 2's state arrives meanwhile
+        real_save(path, state, meta)
+
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save)
+    run_id = mlflow.MlflowClient().create_run(experiment.id).info.run_id
+    store = CheckpointStore(run_id)
+    first = {**two_epoch_state, "epochs_done": 1, "history": two_epoch_state["history"][:1]}
+    store.save(first, META)
+    time.sleep(0.2)
+    store.save(two_epoch_state, META)
+    # Epoch 1 is written and uploaded after epoch 2's write failed: epoch 2 is still lost.
+    assert store.close(timeout=30) is False
+    assert "No space left on device" in capsys.readouterr().err
+    assert load_checkpoint(store.path)["epochs_done"] == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Asking whether a run has a checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unreachable_artifacts(tracking_store, monkeypatch):
+    """An experiment whose artifacts are on a server that does not answer (its runs and tags,
+    in the tracking store, still do)."""
+    from pipeline.server.tracking_server import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    client = mlflow.MlflowClient()
+    location = f"http://127.0.0.1:{free_port()}/api/2.0/mlflow-artifacts/artifacts/x"
+    experiment_id = client.create_experiment(f"unreachable-{time.time_ns()}",
+                                             artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def test_has_checkpoint_tells_none_from_a_server_that_does_not_answer(
+    experiment, unreachable_artifacts
+):
+    client = mlflow.MlflowClient()
+    without = client.create_run(experiment.id).info.run_id
+    assert checkpoint_store.has_checkpoint(without) is False
+    unknown = client.create_run(unreachable_artifacts).info.run_id
+    with pytest.raises(PipelineError) as refused:
+        checkpoint_store.has_checkpoint(unknown)
+    assert unknown in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_main_does_not_start_over_when_it_cannot_ask_for_a_checkpoint(unreachable_artifacts):
+    from pipeline.stages import main
+
+    client = mlflow.MlflowClient()
+    killed = client.create_run(unreachable_artifacts,
+                               tags={"pipeline.cache_key": "key-1"}).info.run_id
+    client.set_terminated(killed, "KILLED")
+    with pytest.raises(PipelineError, match=killed):
+        main.Ledger(force=False).decide("key-1", resumable=True)
