@@ -344,3 +344,43 @@ def test_clients_reach_the_server_by_an_allowed_host_name(made_server):
     assert status(f"team-host.example:{port}") == 200
     assert status(f"127.0.0.1:{port}") == 200
     assert status(f"elsewhere.example:{port}") == 403
+
+
+@needs_postgres
+@pytest.mark.integration
+def test_make_server_runs_its_own_cluster_in_a_folder_with_a_space():
+    root = reachable_folder("mnist-team-")
+    # (Not a dollar sign here: make itself would expand it before any program saw the path.)
+    folder, port, pg_port = root / "the team's server", free_port(), free_port()
+    settings = [f"SERVER_DIR={folder}", f"SERVER_PORT={port}", f"PG_PORT={pg_port}",
+                "SERVER_WORKERS=1"]
+    env = server_env(MLFLOW_AUTH_ADMIN_PASSWORD=ADMIN[1])
+    pid = None
+    try:
+        started, _ = make("server", *settings, env=env)
+        assert started.returncode == 0, started.stdout[-3000:] + started.stderr[-3000:]
+        pid = json.loads((folder / "mlflow-server.json").read_text())["pid"]
+        assert tracking_server.healthy(f"http://127.0.0.1:{port}")
+        # As root the cluster runs as `postgres`, who may pass through the folder, not list it.
+        if os.geteuid() == 0:
+            assert mode(folder) == 0o710 and folder.stat().st_gid == grp_id("postgres")
+        else:
+            assert mode(folder) == 0o700
+        assert mode(folder / "postgres.pgpass") == 0o600
+        stopped, _ = make("server-stop", *settings, env=env, timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+        assert "stopped PostgreSQL" in stopped.stdout
+        assert not LocalPostgres(folder / "postgres", pg_port).running()
+    finally:
+        if pid is not None:
+            stop_group(pid)
+        cluster = LocalPostgres(folder / "postgres", pg_port)
+        if cluster.running():
+            cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def grp_id(name: str) -> int:
+    import grp
+
+    return grp.getgrnam(name).gr_gid

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.server import backend
 from pipeline.server.postgres import CLUSTER_OWNER, LocalPostgres, PostgresError
-from pipeline.server.private import private_folder
+from pipeline.server.private import private_folder, write_private
 from pipeline.server.tracking_server import ServerError, TrackingServer, healthy, stop_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def start(args: argparse.Namespace) -> str:
         if cluster is not None:
             cluster.stop()
         raise
-    (folder / PID_FILE).write_text(json.dumps(
+    write_private(folder / PID_FILE, json.dumps(
         {"pid": server.process.pid, "uri": server.uri, "pg_port": args.pg_port}))
     login = ("\n  export MLFLOW_TRACKING_USERNAME=<user> MLFLOW_TRACKING_PASSWORD=<password>"
              if auth else "")

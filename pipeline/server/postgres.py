@@ -20,7 +20,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from pipeline.server.private import open_private_log, private_folder, write_secret
+from pipeline.server.private import open_private_log, private_folder, write_private
 
 DATABASE = "mlflow"
 SUPERUSER = "postgres"
@@ -95,7 +95,7 @@ class LocalPostgres:
         self._give_to_owner(self.folder)
         password = secrets.token_urlsafe(24)
         secret = self.folder / "initdb-password"
-        write_secret(secret, password + "\n")
+        write_private(secret, password + "\n")
         self._give_to_owner(secret)
         if subprocess.run(["test", "-r", str(secret)], **self._as_owner()).returncode != 0:
             secret.unlink()
@@ -108,7 +108,7 @@ class LocalPostgres:
                       "--no-instructions", *([] if self.durable else ["--no-sync"]))
         finally:
             secret.unlink(missing_ok=True)
-        write_secret(self.password_file, "".join(
+        write_private(self.password_file, "".join(
             f"{host}:*:*:{SUPERUSER}:{password}\n" for host in ("127.0.0.1", "localhost")))
 
     def start(self) -> None:

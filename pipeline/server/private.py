@@ -24,7 +24,7 @@ def private_folder(path: Path, group: str | None = None) -> Path:
     return path
 
 
-def write_secret(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Create `path` holding `text` at mode 0600 from the start (a file already there, which may
     be wider, is replaced; a link there is not followed)."""
     Path(path).unlink(missing_ok=True)

@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.server.backend import scrub
-from pipeline.server.private import open_private_log, private_folder, write_secret
+from pipeline.server.private import open_private_log, private_folder, write_private
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 STARTUP_TIMEOUT_S = 300  # a first start on an empty PostgreSQL runs every migration
@@ -60,7 +60,7 @@ def write_auth_config(folder: Path, database_uri: str | None = None) -> Path:
     worker; a changed password or a deleted user takes up to that long to reach the other
     workers."""
     path = folder / AUTH_CONFIG
-    write_secret(
+    write_private(
         path,
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"
@@ -76,7 +76,7 @@ def secret_key(folder: Path) -> str:
     """One Flask secret for all workers (the auth app's CSRF tokens), kept across restarts."""
     path = folder / "flask_secret_key"
     if not path.is_file():
-        write_secret(path, secrets.token_hex(32))
+        write_private(path, secrets.token_hex(32))
     return path.read_text().strip()
 
 
