@@ -129,6 +129,7 @@ class LocalPostgres:
             for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
                 command += ["-c", setting]
         with open_private_log(self.log) as log:
+            before = log.tell()
             server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                       stderr=subprocess.STDOUT, start_new_session=True,
                                       **self._as_owner())
@@ -137,9 +138,13 @@ class LocalPostgres:
             if server.poll() is not None or time.monotonic() > deadline:
                 if server.poll() is None:
                     server.kill()
-                said = self.log.read_text(errors="replace").strip().splitlines()
-                raise PostgresError(f"postgres did not start in {self.folder}: "
-                                    f"{said[-1] if said else 'no output'}; see {self.log}")
+                with open(self.log, "rb") as log:
+                    log.seek(before)
+                    said = log.read().decode(errors="replace").strip().splitlines()
+                # Its last words are "database system is shut down"; the cause came before.
+                fatal = [line for line in said if "FATAL:" in line] or said or ["no output"]
+                raise PostgresError(f"postgres did not start in {self.folder}: {fatal[-1]}; "
+                                    f"see {self.log}")
             time.sleep(0.2)
 
     def _accepting(self) -> bool:
