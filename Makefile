@@ -12,14 +12,21 @@ EXPERIMENT ?= mnist-mlp
 PORT ?= 5000
 # make server: PostgreSQL (a local cluster in SERVER_DIR unless BACKEND_STORE_URI is given),
 # artifacts proxied to SERVER_DIR/artifacts (or ARTIFACTS_DESTINATION), logins on.
+# BACKEND_STORE_URI reaches the server through the environment only (a password in it is never
+# echoed nor put on a command line): set it in your shell, not on make's command line.
+# SERVER_ALLOWED_HOSTS: the host names clients use beyond this machine (mlflow.team.example:*).
+# AUTH=false on a SERVER_HOST other than 127.0.0.1 is refused unless ANONYMOUS_REMOTE=yes.
 SERVER_DIR ?= .mlflow-server
 SERVER_HOST ?= 127.0.0.1
 SERVER_PORT ?= 5050
 SERVER_WORKERS ?= 2
 PG_PORT ?= 5433
 BACKEND_STORE_URI ?=
+export BACKEND_STORE_URI
 ARTIFACTS_DESTINATION ?=
+SERVER_ALLOWED_HOSTS ?=
 AUTH ?= true
+ANONYMOUS_REMOTE ?= no
 # make serve: models:/$(MODEL)@champion from $MLFLOW_TRACKING_URI (default ./mlflow.db).
 MODEL ?= mnist-mlp
 SERVE_PORT ?= 5001
@@ -55,13 +62,15 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(PORT)
 
 server: setup
-	$(BIN)/python -m pipeline.server start --folder $(SERVER_DIR) --host $(SERVER_HOST) \
+	$(BIN)/python -m pipeline.server start --folder "$(SERVER_DIR)" --host $(SERVER_HOST) \
 		--port $(SERVER_PORT) --workers $(SERVER_WORKERS) --pg-port $(PG_PORT) \
-		--backend-store-uri "$(BACKEND_STORE_URI)" --artifacts-destination "$(ARTIFACTS_DESTINATION)" \
-		$(if $(filter false,$(AUTH)),--no-auth)
+		--artifacts-destination "$(ARTIFACTS_DESTINATION)" \
+		$(if $(SERVER_ALLOWED_HOSTS),--allowed-hosts "$(SERVER_ALLOWED_HOSTS)") \
+		$(if $(filter false,$(AUTH)),--no-auth) \
+		$(if $(filter yes,$(ANONYMOUS_REMOTE)),--allow-anonymous-remote)
 
 server-stop: setup
-	$(BIN)/python -m pipeline.server stop --folder $(SERVER_DIR)
+	$(BIN)/python -m pipeline.server stop --folder "$(SERVER_DIR)"
 
 serve: setup
 	$(BIN)/mlflow models serve -m "models:/$(MODEL)@champion" --env-manager local \

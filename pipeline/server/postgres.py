@@ -4,6 +4,10 @@ The cluster's superuser `postgres` has a generated password, kept in a libpq pas
 beside the cluster (mode 0600), so the `postgresql://` URI carries no secret: give clients
 `PGPASSFILE` (see `env`). PostgreSQL refuses to run as root; as root, its programs run as the
 `postgres` user that Debian's package creates, and the cluster folder belongs to it.
+
+No shell stands between a path and a program: the server is started as `postgres` itself with
+its arguments as a list (not `pg_ctl start`, which hands -D, -l and -o to /bin/sh), so a folder
+whose path holds a space, a quote or a dollar sign is taken literally.
 """
 
 from __future__ import annotations
@@ -13,7 +17,10 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from pathlib import Path
+
+from pipeline.server.private import open_private_log, private_folder, write_private
 
 DATABASE = "mlflow"
 SUPERUSER = "postgres"
@@ -25,7 +32,7 @@ class PostgresError(Exception):
     """The cluster could not be set up or started; the message says what to do."""
 
 
-PROGRAMS = ("initdb", "pg_ctl", "psql", "createdb")
+PROGRAMS = ("initdb", "postgres", "pg_ctl", "pg_isready", "psql", "createdb")
 
 
 def find_bin_dir() -> Path | None:
@@ -84,12 +91,11 @@ class LocalPostgres:
         passwords required on 127.0.0.1, the socket only in the cluster's own folder."""
         if self.initialized:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.folder.chmod(0o700)
+        private_folder(self.folder)
         self._give_to_owner(self.folder)
         password = secrets.token_urlsafe(24)
         secret = self.folder / "initdb-password"
-        secret.write_text(password + "\n")
+        write_private(secret, password + "\n")
         self._give_to_owner(secret)
         if subprocess.run(["test", "-r", str(secret)], **self._as_owner()).returncode != 0:
             secret.unlink()
@@ -102,22 +108,48 @@ class LocalPostgres:
                       "--no-instructions", *([] if self.durable else ["--no-sync"]))
         finally:
             secret.unlink(missing_ok=True)
-        self.password_file.write_text(
-            "".join(f"{host}:*:*:{SUPERUSER}:{password}\n" for host in ("127.0.0.1", "localhost")))
-        self.password_file.chmod(0o600)
+        write_private(self.password_file, "".join(
+            f"{host}:*:*:{SUPERUSER}:{password}\n" for host in ("127.0.0.1", "localhost")))
 
     def start(self) -> None:
         """Start the cluster (if it is not running) and create the database."""
         if not self.running():
-            options = f"-p {self.port} -h 127.0.0.1 -k {self.folder}"
-            if not self.durable:
-                options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w",
-                      "-t", str(START_TIMEOUT_S), "-o", options, "start")
+            self._launch()
         exists = self._run("psql", *self._connect(), "-tAc",
                            f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'")
         if exists.strip() != "1":
             self._run("createdb", *self._connect(), DATABASE)
+
+    def _launch(self) -> None:
+        """The server in a session of its own (it outlives us, as under pg_ctl), its output
+        appended to the log; back once it accepts connections."""
+        command = [str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port),
+                   "-h", "127.0.0.1", "-k", str(self.folder)]
+        if not self.durable:
+            for setting in ("fsync=off", "synchronous_commit=off", "full_page_writes=off"):
+                command += ["-c", setting]
+        with open_private_log(self.log) as log:
+            before = log.tell()
+            server = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      **self._as_owner())
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._accepting():
+            if server.poll() is not None or time.monotonic() > deadline:
+                if server.poll() is None:
+                    server.kill()
+                with open(self.log, "rb") as log:
+                    log.seek(before)
+                    said = log.read().decode(errors="replace").strip().splitlines()
+                # Its last words are "database system is shut down"; the cause came before.
+                fatal = [line for line in said if "FATAL:" in line] or said or ["no output"]
+                raise PostgresError(f"postgres did not start in {self.folder}: {fatal[-1]}; "
+                                    f"see {self.log}")
+            time.sleep(0.2)
+
+    def _accepting(self) -> bool:
+        return subprocess.run([str(self.bin_dir / "pg_isready"), "-q", *self._connect()],
+                              capture_output=True, **self._as_owner()).returncode == 0
 
     def running(self) -> bool:
         if not self.initialized:

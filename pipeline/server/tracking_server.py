@@ -4,6 +4,11 @@ Artifacts are always proxied (`--artifacts-destination`): clients upload and dow
 the server and need no storage credentials. With `auth`, MLflow's basic-auth app asks every
 request for a login (see `write_auth_config`).
 
+The database URI, which may hold a password, reaches the server through its environment
+(`MLFLOW_BACKEND_STORE_URI`, which `mlflow server` reads and hands its workers the same way),
+never its command line, which every local user can read. The server runs with umask 077:
+its folder, artifacts, logins database and log are its owner's alone.
+
 The server forks uvicorn workers (and, unless turned off, GenAI job workers) that outlive a
 SIGTERM to its own pid, so it starts in a new session and is stopped by its process group.
 """
@@ -20,6 +25,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipeline.server.backend import scrub
+from pipeline.server.private import open_private_log, private_folder, write_private
+
 MLFLOW = Path(sys.executable).parent / "mlflow"
 STARTUP_TIMEOUT_S = 300  # a first start on an empty PostgreSQL runs every migration
 AUTH_CONFIG = "basic_auth.ini"
@@ -27,6 +35,9 @@ AUTH_CACHE_TTL_S = 60
 # Without it MLflow 3 starts GenAI job workers whose background imports keep a 2-core machine
 # busy for minutes; a tracking server for training runs needs none of them.
 SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+# Allowed Host headers replace MLflow's defaults (localhost and private IPs); these keep the
+# URI `start` prints, http://127.0.0.1:port, working on the server's own machine.
+LOOPBACK_HOSTS = ("127.0.0.1", "127.0.0.1:*", "localhost", "localhost:*")
 
 
 class ServerError(Exception):
@@ -49,7 +60,8 @@ def write_auth_config(folder: Path, database_uri: str | None = None) -> Path:
     worker; a changed password or a deleted user takes up to that long to reach the other
     workers."""
     path = folder / AUTH_CONFIG
-    path.write_text(
+    write_private(
+        path,
         "[mlflow]\n"
         "default_permission = NO_PERMISSIONS\n"
         f"database_uri = {database_uri or 'sqlite:///' + str(folder / 'basic_auth.db')}\n"
@@ -64,23 +76,26 @@ def secret_key(folder: Path) -> str:
     """One Flask secret for all workers (the auth app's CSRF tokens), kept across restarts."""
     path = folder / "flask_secret_key"
     if not path.is_file():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        write_private(path, secrets.token_hex(32))
     return path.read_text().strip()
 
 
 class TrackingServer:
     """`mlflow server` with `backend_store_uri`, artifacts proxied to `folder/artifacts` (or
-    `artifacts_destination`), its log in `folder/mlflow-server.log`."""
+    `artifacts_destination`), its log in `folder/mlflow-server.log`. `allowed_hosts`: the Host
+    headers it answers (MLflow's --allowed-hosts, e.g. "mlflow.team.example:*"), besides
+    127.0.0.1 and localhost; None: MLflow's default, localhost and private IPs."""
 
     def __init__(self, folder: Path, backend_store_uri: str, host: str = "127.0.0.1",
                  port: int | None = None, workers: int = 1, auth: bool = False,
-                 artifacts_destination: str | None = None, env: dict | None = None):
+                 artifacts_destination: str | None = None, env: dict | None = None,
+                 allowed_hosts: str | None = None):
         self.folder = Path(folder).resolve()
         self.backend_store_uri = backend_store_uri
         self.host, self.port, self.workers, self.auth = host, port or free_port(), workers, auth
         self.artifacts_destination = artifacts_destination or str(self.folder / "artifacts")
         self.extra_env = env or {}
+        self.allowed_hosts = allowed_hosts
         self.process: subprocess.Popen | None = None
 
     @property
@@ -94,7 +109,6 @@ class TrackingServer:
 
     def command(self) -> list[str]:
         return [str(MLFLOW), "server", "--host", self.host, "--port", str(self.port),
-                "--backend-store-uri", self.backend_store_uri,
                 "--artifacts-destination", self.artifacts_destination,
                 "--workers", str(self.workers),
                 *(["--app-name", "basic-auth"] if self.auth else [])]
@@ -103,6 +117,9 @@ class TrackingServer:
         # Not the caller's MLFLOW_* settings (a tracking URI, a run id): the server's own only.
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         env.update(SERVER_ENV)
+        env["MLFLOW_BACKEND_STORE_URI"] = self.backend_store_uri
+        if self.allowed_hosts:
+            env["MLFLOW_SERVER_ALLOWED_HOSTS"] = ",".join((self.allowed_hosts, *LOOPBACK_HOSTS))
         env["PATH"] = f"{MLFLOW.parent}{os.pathsep}{env.get('PATH', '')}"
         if self.auth:
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.folder / AUTH_CONFIG)
@@ -114,13 +131,15 @@ class TrackingServer:
 
     def start(self, timeout: float = STARTUP_TIMEOUT_S) -> None:
         """Start it and wait until /health answers; ServerError (with its log) if it does not."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not self.folder.is_dir():
+            private_folder(self.folder)
         if self.auth and not (self.folder / AUTH_CONFIG).is_file():
             write_auth_config(self.folder)
-        with open(self.log, "ab") as log:
+        with open_private_log(self.log) as log:
             self.process = subprocess.Popen(
                 self.command(), cwd=self.folder, env=self.environment(), stdout=log,
-                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                umask=0o077)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if healthy(self.uri):
@@ -129,7 +148,7 @@ class TrackingServer:
                 break
             time.sleep(0.5)
         self.stop()
-        tail = self.log.read_text(errors="replace")[-3000:]
+        tail = scrub(self.log.read_text(errors="replace")[-3000:], self.backend_store_uri)
         raise ServerError(f"mlflow server on {self.uri} did not start (log {self.log}):\n{tail}")
 
     def stop(self) -> None:
