@@ -43,6 +43,7 @@ class TrialData:
 @dataclass(frozen=True)
 class TrialContext:
     env: dict  # ray_cluster.worker_env: where to log, and the torch threads
+    credentials: dict  # ray_cluster.credentials: the tracking login, set only while it runs
     experiment_id: str
     parent_run_id: str
     trial_key: str
@@ -55,6 +56,14 @@ class TrialContext:
 
 def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     """The trainable: `config` is the point Optuna proposed (with the fixed values added)."""
+    from pipeline import ray_cluster
+
+    os.environ.update(context.env)
+    with ray_cluster.credentials_set(context.credentials):
+        _run_trial(config, data, context)
+
+
+def _run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     import mlflow
     import torch
     from mlflow.entities import Metric, Param, RunTag
@@ -65,7 +74,6 @@ def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     from pipeline.train_settings import TrainSettings
     from pipeline.training import train
 
-    os.environ.update(context.env)
     torch.set_num_threads(int(context.env["OMP_NUM_THREADS"]))
     client = mlflow.MlflowClient(tracking_uri=context.env["MLFLOW_TRACKING_URI"])
     trial_id = tune.get_context().get_trial_id()

@@ -273,20 +273,33 @@ def test_the_tracking_password_reaches_no_file_command_line_output_or_run(
     parent = main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
     assert mlflow.get_run(parent).info.status == "FINISHED"
 
-    secrets = (password.encode(), token.encode())
-    session = Path(local_ray._private.worker._global_node.get_session_dir_path())
-    files = [p for p in session.rglob("*") if p.is_file() and not p.is_symlink()]
-    assert any(p.name.startswith("runtime_env_agent") for p in files)
-    leaked = [str(p) for p in files if any(s in _read_bytes(p) for s in secrets)]
-    assert not leaked, f"the secret is in {leaked}"
+    out, err = capfd.readouterr()
+    assert_secrets_nowhere((password, token), [ray_session_folder(local_ray)], out + err,
+                           runs_in(experiment))
+
+
+def ray_session_folder(ray) -> Path:
+    folder = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert any(p.name.startswith("runtime_env_agent") for p in (folder / "logs").iterdir())
+    return folder
+
+
+def assert_secrets_nowhere(secrets: tuple[str, ...], folders: list[Path], output: str,
+                           runs: list) -> None:
+    """No secret in any file under `folders`, any process's command line, `output` (what the
+    study printed, its workers' lines included) or any run's params and tags."""
+    encoded = [s.encode() for s in secrets]
+    files = [p for folder in folders for p in folder.rglob("*")
+             if p.is_file() and not p.is_symlink()]
+    leaked = [str(p) for p in files if any(s in _read_bytes(p) for s in encoded)]
+    assert not leaked, f"a secret is in {leaked}"
     for process in psutil.process_iter(["pid", "cmdline"]):
         line = " ".join(process.info["cmdline"] or [])
-        assert password not in line and token not in line, process.info["pid"]
-    out, err = capfd.readouterr()
-    assert password not in out + err and token not in out + err
-    for run in runs_in(experiment):
+        assert not any(s in line for s in secrets), f"a secret on pid {process.info['pid']}'s argv"
+    assert not any(s in output for s in secrets), "a secret was printed"
+    for run in runs:
         values = [*run.data.params.values(), *run.data.tags.values()]
-        assert not any(password in v or token in v for v in values), run.info.run_name
+        assert not any(s in v for s in secrets for v in values), run.info.run_name
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -445,8 +458,8 @@ def test_a_stopped_study_ends_the_run_it_resumed_although_another_main_started_i
                 pass
     assert stopped, "the resumed run never ran on a worker"
     run = mlflow.get_run(first)
-    assert run.data.tags["mlflow.parentRunId"] != parent
     assert run.info.status == "KILLED" and tracking.INTERRUPTED_TAG in run.data.tags
+    assert run.data.tags.get("mlflow.parentRunId") != parent  # not found by its parent
 
 
 def _interrupted_in_this_process(experiment, params: dict) -> str:

@@ -259,16 +259,22 @@ def test_tiny_sweep_then_reruns_reuse_trials(local_ray, experiment, tmp_path, sa
     assert mlflow.get_run(more).data.metrics["trials_reused"] == 3
 
 
-def test_no_trial_reads_a_test_image(local_ray, experiment, tmp_path, shared_tiny_mnist,
-                                     monkeypatch):
+def test_no_trial_reads_a_test_image_or_leaks_the_password(
+        local_ray, experiment, tmp_path, shared_tiny_mnist, monkeypatch, capfd):
     """The sample's test labels are poisoned (200: no class), so any training or scoring that
     reads a test image fails. Every trial finishes; the first reader of the test split is the
-    winner's retraining, which the poison stops."""
+    winner's retraining, which the poison stops. Meanwhile the tracking password reaches no
+    file of the Ray session or of Ray Tune's results, no command line, no output line."""
     from urllib.parse import urlparse
+
+    import ray
+    from test_ray_executor import assert_secrets_nowhere, ray_session_folder
 
     from pipeline.data import load_sample, save_sample
     from pipeline.stages import sample_data, tune
 
+    password = f"password-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
     data_run = sample_data.run(stage_params("sample_data", {
         "data_dir": str(shared_tiny_mnist.root), "samples_per_class": 12, "download": False}))
@@ -290,3 +296,7 @@ def test_no_trial_reads_a_test_image(local_ray, experiment, tmp_path, shared_tin
     [retrain] = runs_in(experiment, "train")
     assert retrain.info.status == "FAILED"
     assert "out of bounds" in retrain.data.tags["pipeline.error"]
+
+    out, err = capfd.readouterr()
+    assert_secrets_nowhere((password,), [ray_session_folder(ray), tmp_path / "cache"],
+                           out + err, runs_in(experiment))
