@@ -279,8 +279,8 @@ class TrialRunCloser(Callback):
     """On the driver: one line per trial epoch, and the end of each trial's MLflow run.
 
     A trial that ASHA stops leaves its function at `tune.report` (SystemExit) and may be gone
-    before it can end its run, so its run is ended here: FINISHED, with a tag saying at which
-    epoch and why. So is a trial stopped at its last epoch (ASHA stops at max_t)."""
+    before its run is ended, so it is tagged here with the epoch and why, and ended FINISHED if
+    still RUNNING. So is a trial stopped at its last epoch (ASHA stops at max_t)."""
 
     def __init__(self, parent_run_id: str, space: SearchSpace, new_trials: int, reused: int):
         self.parent_run_id = parent_run_id
@@ -304,9 +304,9 @@ class TrialRunCloser(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = int((trial.last_result or {}).get("training_iteration", 0))
         run = self._run_of(trial.trial_id)
-        if run is None or run.info.status != "RUNNING":
+        if run is None:
             return
-        if epochs < self.space.epochs:
+        if epochs < self.space.epochs and tune_trial.EARLY_STOP_TAG not in run.data.tags:
             loss = trial.last_result.get("val_loss", float("nan"))
             self.client.set_tag(run.info.run_id, tune_trial.EARLY_STOP_TAG, (
                 f"ASHA stopped it after epoch {epochs} of {self.space.epochs}: its val_loss "
@@ -314,7 +314,8 @@ class TrialRunCloser(Callback):
                 f"that had reached epoch {epochs}"))
             print(f"[tune] trial {self._number(trial)}/{self.total} stopped early by ASHA "
                   f"after epoch {epochs}", flush=True)
-        self.client.set_terminated(run.info.run_id, "FINISHED")
+        if self.client.get_run(run.info.run_id).info.status == "RUNNING":
+            self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def _run_of(self, trial_id: str):
         runs = mlflow.search_runs(
