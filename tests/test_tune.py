@@ -300,3 +300,30 @@ def test_no_trial_reads_a_test_image_or_leaks_the_password(
     out, err = capfd.readouterr()
     assert_secrets_nowhere((password,), [ray_session_folder(ray), tmp_path / "cache"],
                            out + err, runs_in(experiment))
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_any_trial(
+        local_ray, experiment, tmp_path, sample_run, monkeypatch):
+    import threading
+
+    from pipeline.stages import tune
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    params = stage_params("tune", {"space": str(write_space(tmp_path, GOOD_SPACE)),
+                                   "data_run_id": sample_run.run_id, "cpus_per_trial": 3})
+    outcome: dict = {}
+
+    def sweep():
+        try:
+            tune.run(params)
+        except BaseException as err:  # noqa: BLE001 - checked below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+    thread.join(timeout=120)  # trials waiting for resources would wait forever
+    assert not thread.is_alive(), "the sweep waits for resources the cluster does not have"
+    error = outcome.get("error")
+    assert isinstance(error, PipelineError) and "cpus_per_trial=3" in str(error), error
+    assert "\n" not in str(error)
+    assert [r.data.tags["pipeline.stage"] for r in runs_in(experiment)] == ["tune"]
