@@ -12,8 +12,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import mlflow
-
 from pipeline import interrupts, ray_cluster, tracking
 from pipeline.errors import PipelineError
 from pipeline.stages import STAGES
@@ -21,6 +19,8 @@ from pipeline.stages import STAGES
 EXECUTORS = ("local", "ray")
 # After a stop signal, tasks get this long to end their runs KILLED before they are killed.
 CANCEL_GRACE_S = 20.0
+# Attempts after the first when a task's worker dies (killed, out of memory, node lost).
+TASK_RETRIES = 3
 
 
 @dataclass
@@ -64,7 +64,8 @@ class LocalExecutor:
 class RayExecutor:
     """Each job a Ray task with `cpus` CPUs (its torch threads) and `gpus` GPUs (a fraction
     packs several small models on one GPU). Ray retries a task whose worker died; the retry
-    continues the same run from its checkpoint (ray_tasks.run_stage)."""
+    continues the same run from its checkpoint (ray_tasks.run_stage). When Ray gives up on a
+    task, its job still ends with an outcome (and its run FAILED), like any failed job."""
 
     experiment_id: str
     cpus: int = 1
@@ -80,14 +81,19 @@ class RayExecutor:
                 "runtime_env": {"env_vars": ray_cluster.worker_env(self.experiment_id, self.cpus)}}
 
     def machine(self, device: str) -> dict:
-        """The numerics a training gets on a worker with this allotment: its cache key's."""
+        """The device `device` resolves to on a worker with this allotment, and the numerics a
+        training gets there: what its cache key holds (ray_tasks.machine_numerics)."""
         if device not in self._numerics:
             import ray
 
             from pipeline import ray_tasks
 
             task = ray.remote(ray_tasks.machine_numerics).options(name="machine", **self._options())
-            self._numerics[device] = _wait_all([task.remote(device)])[0]
+            [answer] = _wait_all([task.remote(device)])
+            if isinstance(answer, BaseException):
+                raise PipelineError(f"device={device}: the Ray worker could not report its "
+                                    f"device and numerics ({_one_line(answer)})")
+            self._numerics[device] = answer
         return self._numerics[device]
 
     def run(self, jobs: list[Job], parent_run_id: str) -> list[Outcome]:
@@ -98,24 +104,64 @@ class RayExecutor:
         from pipeline import ray_tasks
 
         task = ray.remote(ray_tasks.run_stage)
+        credentials = ray_cluster.credentials()
         refs = []
+        started = time.perf_counter()
         for job in jobs:
             print(f"[main] {job.label}: sent to Ray ({self.cpus} CPU, {self.gpus:g} GPU)")
-            refs.append(task.options(name=job.label, max_retries=3, retry_exceptions=False,
-                                     **self._options())
-                        .remote(job.stage, job.params, parent_run_id))
+            refs.append(task.options(name=job.label, max_retries=TASK_RETRIES,
+                                     retry_exceptions=False, **self._options())
+                        .remote(job.stage, job.params, parent_run_id, credentials))
+        tasks = [_Task(job, ref.task_id().hex()) for job, ref in zip(jobs, refs)]
         try:
             results = _wait_all(refs)
         except interrupts.Interrupted:
-            _cancel(refs, parent_run_id)
+            _cancel(refs, tasks)
             raise
-        return [Outcome(job, r["run_id"], r["seconds"], r["resumed"] or
-                        job.params.get("resume_run_id", ""), r["error"])
-                for job, r in zip(jobs, results)]
+        seconds = round(time.perf_counter() - started, 2)
+        return [_given_up(t, r, seconds) if isinstance(r, BaseException) else
+                Outcome(t.job, r["run_id"], r["seconds"], r["resumed"] or
+                        t.job.params.get("resume_run_id", ""), r["error"])
+                for t, r in zip(tasks, results)]
+
+
+@dataclass(frozen=True)
+class _Task:
+    """A job sent to Ray, and the task id its run carries (tracking.TASK_TAG) on every attempt."""
+
+    job: Job
+    task_id: str
+
+    def run_ids(self) -> list[str]:
+        """The runs this task's attempts started or resumed, newest first."""
+        runs = [r.info.run_id for r in tracking.find_runs_tagged(tracking.TASK_TAG, self.task_id)]
+        # A resumed run is ours before the task could tag it (its parent is another main's).
+        resumed = self.job.params.get("resume_run_id")
+        return runs + ([resumed] if resumed and resumed not in runs else [])
+
+
+def _given_up(task: _Task, error: BaseException, seconds: float) -> Outcome:
+    """The outcome of a task Ray gave up on (retries spent, or it failed before its run
+    started): its last attempt's run, left RUNNING by a dead worker, ends FAILED."""
+    why = f"Ray gave up on its task: {_one_line(error)}"
+    run_ids = task.run_ids()
+    ray_cluster.end_orphaned_runs(run_ids, "FAILED", why)
+    return Outcome(task.job, run_ids[0] if run_ids else None, seconds,
+                   task.job.params.get("resume_run_id", ""), why)
+
+
+def _one_line(error: BaseException) -> str:
+    # An exception raised in the task comes wrapped, its traceback in the message.
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return tracking.error_message(cause).splitlines()[0]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _wait_all(refs: list) -> list:
-    """Every task's result, waiting in short steps so a stop signal is seen within a second."""
+    """Every task's result, or the Ray error that ended it; waiting in short steps so a stop
+    signal is seen within a second."""
     import ray
 
     pending = list(refs)
@@ -123,12 +169,19 @@ def _wait_all(refs: list) -> list:
         # Not inside Ray's C++ wait: an exception raised there comes out as a SystemError.
         with interrupts.deferred():
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
-    return ray.get(refs)
+    results = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayError as err:
+            results.append(err)
+    return results
 
 
-def _cancel(refs: list, parent_run_id: str) -> None:
+def _cancel(refs: list, tasks: list[_Task]) -> None:
     """Stop every task: SIGINT first, which ends its run KILLED; then, after the grace time,
-    the worker; any run still RUNNING then is ended KILLED here."""
+    the worker; any run of these tasks still RUNNING then (a new one, or one they resumed)
+    is ended KILLED here."""
     import ray
 
     for ref in refs:
@@ -140,13 +193,8 @@ def _cancel(refs: list, parent_run_id: str) -> None:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
         for ref in pending:
             ray.cancel(ref, force=True)
-        client = mlflow.MlflowClient()
-        for run in mlflow.search_runs(
-                filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' "
-                              f"and attributes.status = 'RUNNING'", output_format="list"):
-            client.set_tag(run.info.run_id, tracking.INTERRUPTED_TAG,
-                           "the study was stopped while its Ray task ran")
-            client.set_terminated(run.info.run_id, "KILLED")
+        ray_cluster.end_orphaned_runs([run_id for task in tasks for run_id in task.run_ids()],
+                                      "KILLED", "the study was stopped while its Ray task ran")
 
 
 def make_executor(params: dict, experiment_id: str):

@@ -19,20 +19,27 @@ from urllib.parse import urlparse
 
 import mlflow
 
+from pipeline import tracking
 from pipeline.errors import PipelineError
 
 LOCAL = ""
 # Tracking stores only a process on this machine can write to.
 LOCAL_STORE_SCHEMES = ("", "file", "sqlite")
-# What a worker needs of the driver's environment to log where the driver logs.
+# What a worker needs of the driver's environment to log where the driver logs. Goes in the
+# task's runtime_env, which Ray's runtime-env agent writes to its log on every node: nothing
+# secret here (see CREDENTIAL_ENV).
 FORWARDED_ENV = (
-    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_DISABLE_TELEMETRY",
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PIPELINE_CHECKPOINT_UPLOAD_S",
     "PIPELINE_CACHE_DIR", "PIPELINE_TRACKING_RETRY_S",
 )
+# The tracking server's login: handed to each task as an argument (held in memory, never
+# written to a file or a command line) and put in the worker's environment only while the
+# task runs (credentials_set).
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                  "MLFLOW_TRACKING_TOKEN")
 
 
 def check_resources(cpus: int, gpus: float) -> None:
@@ -42,6 +49,62 @@ def check_resources(cpus: int, gpus: float) -> None:
     if not gpus >= 0:
         raise PipelineError(f"gpus_per_trial={gpus}: use 0 (CPU only) or a positive share of a "
                             f"GPU, e.g. 0.25 to put four tasks on one GPU")
+
+
+def refuse_unsatisfiable(cpus: int, gpus: float) -> None:
+    """A task that no live node can hold waits in Ray's queue forever: refuse the request
+    before any task is sent. (A task runs on one node, so the cluster's total is no answer.)"""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    if any(r.get("CPU", 0) >= cpus and r.get("GPU", 0) >= gpus for r in nodes):
+        return
+    most_cpus = max((r.get("CPU", 0) for r in nodes), default=0)
+    most_gpus = max((r.get("GPU", 0) for r in nodes), default=0)
+    hint = "pass gpus_per_trial=0" if gpus > 0 and not most_gpus else \
+        "lower cpus_per_trial or gpus_per_trial to what one node has"
+    raise PipelineError(f"cpus_per_trial={cpus}, gpus_per_trial={gpus:g}: no node of the Ray "
+                        f"cluster has that much (the largest has {most_cpus:g} CPUs and "
+                        f"{most_gpus:g} GPUs); {hint}")
+
+
+def credentials() -> dict[str, str]:
+    """The driver's tracking login, for a task's arguments."""
+    return {name: os.environ[name] for name in CREDENTIAL_ENV if name in os.environ}
+
+
+@contextmanager
+def credentials_set(values: dict[str, str]) -> Iterator[None]:
+    """In a worker: the driver's tracking login in os.environ (where MLflow reads it on every
+    request) while the task runs; afterwards the worker's own environment again, since the
+    worker goes on to serve other tasks."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def end_orphaned_runs(run_ids, status: str, why: str) -> list[str]:
+    """End the runs, of those given, that are still RUNNING although nothing runs them any more
+    (a worker killed, a task cancelled or given up by Ray, a trial ASHA stopped or a sweep cut
+    short): `status` (KILLED or FAILED), with `why` in pipeline.interrupted or pipeline.error.
+    Returns the ids it ended."""
+    client = mlflow.MlflowClient()
+    tag = tracking.INTERRUPTED_TAG if status == "KILLED" else tracking.ERROR_TAG
+    ended = []
+    for run_id in dict.fromkeys(run_ids):
+        if client.get_run(run_id).info.status != "RUNNING":
+            continue  # it ended itself meanwhile, with its own reason
+        client.set_tag(run_id, tag, why)
+        client.set_terminated(run_id, status)
+        ended.append(run_id)
+    return ended
 
 
 def worker_tracking_uri() -> str:
@@ -108,8 +171,9 @@ def other_machines() -> list[str]:
 
 
 @contextmanager
-def connected(address: str = LOCAL) -> Iterator[None]:
-    """Ray for the length of the block.
+def connected(address: str = LOCAL, cpus: int = 1, gpus: float = 0.0) -> Iterator[None]:
+    """Ray for the length of the block, with a node that can run a task of `cpus` CPUs and
+    `gpus` GPUs (else a PipelineError before any task is sent).
 
     `address` empty: start a local Ray sized to this machine (all its cores) and shut it down
     afterwards. `auto` or `ray://host:port` (or `host:port`): join that cluster, which is left
@@ -137,6 +201,7 @@ def connected(address: str = LOCAL) -> Iterator[None]:
     try:
         if address != LOCAL and other_machines():
             refuse_local_store(address, uri)
+        refuse_unsatisfiable(cpus, gpus)
         yield
     finally:
         if started:

@@ -22,24 +22,34 @@ def _as_a_worker() -> None:
 
 
 def machine_numerics(device: str) -> dict:
-    """machine.numerics as a training on this worker, with this task's resources, sees it."""
+    """What `device` resolves to on this worker, with this task's resources (`auto` takes a
+    GPU only where Ray gave the task one), and machine.numerics as a training there sees it."""
     _as_a_worker()
     from pipeline.machine import numerics, resolve_device
 
-    return numerics(resolve_device(device))
+    resolved = resolve_device(device)
+    return {"device": resolved, "numerics": numerics(resolved)}
 
 
-def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
-    """Run `stage` with `params` nested under `parent_run_id`; the outcome, never an exception,
-    so the driver can wait for every task and then report each failed run by name.
+def run_stage(stage: str, params: dict, parent_run_id: str, credentials: dict) -> dict:
+    """Run `stage` with `params` nested under `parent_run_id`, logging with the driver's
+    tracking `credentials`; the outcome, never an exception, so the driver can wait for every
+    task and then report each failed run by name.
 
     A retry of this task (Ray starts one when a worker dies) finds the run the dead attempt
     left RUNNING by the task id and continues it from its checkpoint.
     """
     _as_a_worker()
+    from pipeline import ray_cluster
+
+    with ray_cluster.credentials_set(credentials):
+        return _run_stage(stage, params, parent_run_id)
+
+
+def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     import ray
 
-    from pipeline import interrupts, tracking
+    from pipeline import interrupts, ray_cluster, tracking
     from pipeline.checkpoint_store import has_checkpoint
     from pipeline.errors import PipelineError
     from pipeline.stages import STAGES
@@ -63,7 +73,10 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
         params = {**params, "resume_run_id": resumed}
         print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)
     elif earlier is not None:
-        _end_abandoned(earlier.info.run_id)
+        # A worker that died before the first checkpoint: nothing to go on from.
+        ray_cluster.end_orphaned_runs([earlier.info.run_id], "FAILED",
+                                      "its Ray worker died before the first checkpoint; the "
+                                      "task was retried as a new run")
     outcome = {"run_id": None, "error": None, "interrupted": False, "resumed": resumed}
     try:
         with interrupts.installed(), tracking.nested_under(parent_run_id, tags):
@@ -76,15 +89,3 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
                        error=tracking.error_message(err).splitlines()[0])
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     return outcome
-
-
-def _end_abandoned(run_id: str) -> None:
-    """A run whose worker died before its first checkpoint: nothing to go on from."""
-    import mlflow
-
-    from pipeline import tracking
-
-    client = mlflow.MlflowClient()
-    client.set_tag(run_id, tracking.ERROR_TAG, "its Ray worker died before the first "
-                                               "checkpoint; the task was retried as a new run")
-    client.set_terminated(run_id, "FAILED")

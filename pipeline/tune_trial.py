@@ -43,6 +43,7 @@ class TrialData:
 @dataclass(frozen=True)
 class TrialContext:
     env: dict  # ray_cluster.worker_env: where to log, and the torch threads
+    credentials: dict  # ray_cluster.credentials: the tracking login, set only while it runs
     experiment_id: str
     parent_run_id: str
     trial_key: str
@@ -55,9 +56,17 @@ class TrialContext:
 
 def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     """The trainable: `config` is the point Optuna proposed (with the fixed values added)."""
+    from pipeline import ray_cluster
+
+    os.environ.update(context.env)
+    with ray_cluster.credentials_set(context.credentials):
+        _run_trial(config, data, context)
+
+
+def _run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     import mlflow
     import torch
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, RunTag
     from ray import tune
 
     from pipeline import search_space, tracking
@@ -65,24 +74,26 @@ def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     from pipeline.train_settings import TrainSettings
     from pipeline.training import train
 
-    os.environ.update(context.env)
     torch.set_num_threads(int(context.env["OMP_NUM_THREADS"]))
-    client = mlflow.MlflowClient(tracking_uri=context.env["MLFLOW_TRACKING_URI"])
+    # MLflow keeps the URI it first saw in this process; the trial's environment names the
+    # sweep's.
+    mlflow.set_tracking_uri(context.env["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
     trial_id = tune.get_context().get_trial_id()
     name = (f"trial-{config['layers']}x{config['width']}{'-bn' if config['batch_norm'] else ''}"
             f"-{trial_id}")
-    run = client.create_run(context.experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": context.parent_run_id, tracking.STAGE_TAG: TRIAL_STAGE,
-        TRIAL_KEY_TAG: context.trial_key, RAY_TRIAL_TAG: trial_id,
-        POINT_TAG: json.dumps(config, sort_keys=True), "pipeline.sweep": context.space_name,
-    })
-    run_id = run.info.run_id
-    try:
-        params = {**config, "epochs": context.epochs, "seed": context.seed,
-                  "normalize": context.normalize, "device": context.device,
-                  "torch_threads": torch.get_num_threads()}
-        client.log_batch(run_id, params=[Param(k, tracking.format_param(v))
-                                         for k, v in params.items()])
+    tags = {TRIAL_KEY_TAG: context.trial_key, RAY_TRIAL_TAG: trial_id,
+            POINT_TAG: json.dumps(config, sort_keys=True), "pipeline.sweep": context.space_name}
+    params = {**config, "epochs": context.epochs, "seed": context.seed,
+              "normalize": context.normalize, "device": context.device,
+              "torch_threads": torch.get_num_threads()}
+    # The stages' run lifecycle: FINISHED, or FAILED with pipeline.error (a diverged loss, a
+    # bug; Ray then records an errored trial). A trial ASHA stops leaves through tune.report
+    # (SystemExit): its run ends FINISHED, and the driver tags why (TrialRunCloser), or ends
+    # it itself when the trial's thread never comes back.
+    with tracking.nested_under(context.parent_run_id, {}), \
+            tracking.stage_run(TRIAL_STAGE, name, params, tags) as run:
+        run_id = run.info.run_id
         torch.manual_seed(context.seed)
         model = build_model(search_space.model_spec(config), normalize=context.normalize)
         client.log_metric(run_id, "num_params", count_parameters(model))
@@ -107,14 +118,6 @@ def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
         train(model, (torch.tensor(data.fit_images).float(), torch.tensor(data.fit_labels)),
               (torch.tensor(data.val_images).float(), torch.tensor(data.val_labels)),
               settings, on_epoch=on_epoch, checkpoint_every=0)
-    except Exception as err:
-        # A diverged loss or a bug: the trial fails (Ray records it as an errored trial).
-        client.set_tag(run_id, tracking.ERROR_TAG, tracking.error_message(err)[:5000])
-        client.set_terminated(run_id, "FAILED")
-        raise
-    # (A trial ASHA stops leaves through SystemExit from tune.report; the driver ends its run,
-    # see pipeline.stages.tune.TrialRunCloser.)
-    client.set_terminated(run_id, "FINISHED")
 
 
 def split_arrays(images: np.ndarray, labels: np.ndarray, fit: np.ndarray,

@@ -253,3 +253,230 @@ def _worker_after_first_checkpoint(experiment, run_name: str, thread: threading.
         time.sleep(0.1)
     pytest.fail(f"{run_name} never wrote a checkpoint on a Ray worker")
 
+
+
+# --------------------------------------------------------------------------------------------
+# Secrets, devices and failure paths (issue 17: findings 1, 13, 15, 16, 17)
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_tracking_password_reaches_no_file_command_line_output_or_run(
+        local_ray, experiment, shared_tiny_mnist, tmp_path, monkeypatch, capfd):
+    """Ray's runtime-env agent logs a task's runtime_env, on every node: the credentials must
+    travel another way."""
+    import uuid
+
+    password, token = f"password-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    study = write_study(tmp_path, "secret", ["mlp3"], [0], epochs=1)
+    parent = main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+    assert mlflow.get_run(parent).info.status == "FINISHED"
+
+    out, err = capfd.readouterr()
+    assert_secrets_nowhere((password, token), [ray_session_folder(local_ray)], out + err,
+                           runs_in(experiment))
+
+
+def ray_session_folder(ray) -> Path:
+    folder = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert any(p.name.startswith("runtime_env_agent") for p in (folder / "logs").iterdir())
+    return folder
+
+
+def assert_secrets_nowhere(secrets: tuple[str, ...], folders: list[Path], output: str,
+                           runs: list) -> None:
+    """No secret in any file under `folders`, any process's command line, `output` (what the
+    study printed, its workers' lines included) or any run's params and tags."""
+    encoded = [s.encode() for s in secrets]
+    files = [p for folder in folders for p in folder.rglob("*")
+             if p.is_file() and not p.is_symlink()]
+    leaked = [str(p) for p in files if any(s in _read_bytes(p) for s in encoded)]
+    assert not leaked, f"a secret is in {leaked}"
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        line = " ".join(process.info["cmdline"] or [])
+        assert not any(s in line for s in secrets), f"a secret on pid {process.info['pid']}'s argv"
+    assert not any(s in output for s in secrets), "a secret was printed"
+    for run in runs:
+        values = [*run.data.params.values(), *run.data.tags.values()]
+        assert not any(s in v for s in secrets for v in values), run.info.run_name
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # a socket or a file Ray removed meanwhile
+        return b""
+
+
+def test_a_task_sees_the_credentials_only_while_it_runs(local_ray, monkeypatch):
+    """The credentials reach the task (as an argument, in memory) and leave the worker's
+    environment with it: the worker serves other tasks afterwards."""
+    from pipeline import ray_cluster
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "during-the-task")
+
+    @local_ray.remote(num_cpus=1)
+    def inside(credentials):
+        with ray_cluster.credentials_set(credentials):
+            during = os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        return during, os.environ.get("MLFLOW_TRACKING_PASSWORD")
+
+    during, after = local_ray.get(inside.remote(ray_cluster.credentials()))
+    assert during == "during-the-task" and after is None
+
+
+def test_the_probe_reports_the_workers_device_and_the_key_uses_it(local_ray, experiment,
+                                                                  sample_run):
+    """main's train key under Ray is the one the worker's run carries: the worker's device,
+    not the driver's `auto`."""
+    from pipeline import executors, stage_keys
+
+    probe = executors.RayExecutor(experiment.id).machine("auto")
+    assert probe["device"] == "cpu" and probe["numerics"]["torch_threads"] == 1
+    fit = stage_params("train", {"config": "mlp3", "data_run_id": sample_run.run_id})
+    # A GPU worker under a CPU-only driver reports its GPU: the driver resolves nothing itself.
+    gpu_worker = {"device": "cuda", "numerics": {**probe["numerics"], "gpu": "NVIDIA H200"}}
+    on_gpu = stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, gpu_worker)
+    assert on_gpu == stage_keys.train_key({**fit, "device": "cuda"}, sample_run.run_id,
+                                          gpu_worker)
+    assert on_gpu != stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe)
+    assert stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe) == \
+        stage_keys.train_key({**fit, "device": "cpu"}, sample_run.run_id, probe)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"gpus_per_trial": 1}, "gpus_per_trial=1"),
+    ({"cpus_per_trial": 3}, "cpus_per_trial=3"),
+])
+def test_a_request_no_node_can_hold_is_refused_before_any_task(
+        local_ray, experiment, shared_tiny_mnist, tmp_path, overrides, named):
+    study = write_study(tmp_path, "unsatisfiable", ["mlp3"], [0])
+    outcome: dict = {}
+
+    def study_on_ray():
+        try:
+            main.run(study_params(study, shared_tiny_mnist.root, executor="ray", **overrides))
+        except BaseException as err:  # noqa: BLE001 - checked below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=study_on_ray, daemon=True)
+    thread.start()
+    thread.join(timeout=120)  # a pending task would wait forever
+    assert not thread.is_alive(), "main waits for resources the cluster does not have"
+    error = outcome.get("error")
+    assert isinstance(error, PipelineError), error
+    assert named in str(error) and "\n" not in str(error)
+    assert [r.info.status for r in runs_in(experiment)] == ["FAILED"]  # no sample drawn
+
+
+def test_a_task_ray_gives_up_on_ends_failed_and_is_named(
+        local_ray, experiment, shared_tiny_mnist, tmp_path, monkeypatch):
+    """A worker SIGKILLed on every attempt (as by the OOM killer): Ray stops retrying, the
+    other training still finishes, the study names the failed run, and no run stays RUNNING."""
+    from pipeline import executors
+
+    monkeypatch.setattr(executors, "TASK_RETRIES", 1, raising=False)
+    study = write_study(tmp_path, "oom", ["mlp4"], [0, 1], epochs=8, batch_size=2)
+    outcome: dict = {}
+
+    def study_on_ray():
+        try:
+            main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+        except BaseException as err:  # noqa: BLE001 - checked below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=study_on_ray, daemon=True)
+    thread.start()
+    killed: set[int] = set()
+    while thread.is_alive():
+        for run in runs_in(experiment, "train"):
+            worker = run.data.tags.get("pipeline.ray_worker")
+            if run.info.run_name == "train-mlp4-seed0" and run.info.status == "RUNNING" \
+                    and worker and int(worker.rsplit(" ", 1)[1]) not in killed:
+                pid = int(worker.rsplit(" ", 1)[1])
+                killed.add(pid)
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
+    thread.join()
+    error = outcome.get("error")
+    assert isinstance(error, PipelineError), error
+    trains = runs_in(experiment, "train")
+    failed = [r for r in trains if r.info.run_name == "train-mlp4-seed0"][-1]
+    message = str(error)
+    assert message.startswith(f"1 of 2 train run(s) failed: train-mlp4-seed0 "
+                              f"(run {failed.info.run_id}): Ray gave up"), message
+    assert "\n" not in message
+    assert failed.info.status == "FAILED"
+    assert "Ray gave up" in failed.data.tags[tracking.ERROR_TAG]
+    [finished] = [r for r in trains if r.info.run_name == "train-mlp4-seed1"]
+    assert finished.info.status == "FINISHED"
+    assert "RUNNING" not in {r.info.status for r in runs_in(experiment)}
+
+
+def test_a_stopped_study_ends_the_run_it_resumed_although_another_main_started_it(
+        local_ray, experiment, sample_run, monkeypatch):
+    """The cancel sweep ends every run this study's tasks own, a resumed one included (it
+    keeps its first parent). The worker is stopped (SIGSTOP) so that it cannot end its run
+    itself: the sweep must."""
+    from pipeline import executors, interrupts
+
+    monkeypatch.setattr(executors, "CANCEL_GRACE_S", 3.0)
+    params = stage_params("train", {"config": "mlp4", "epochs": 200, "batch_size": 2,
+                                    "device": "cpu", "log_model": False,
+                                    "data_run_id": sample_run.run_id})
+    first = _interrupted_in_this_process(experiment, params)
+    assert mlflow.get_run(first).info.status == "KILLED"
+
+    parent = MlflowClient().create_run(experiment.id, run_name="main-stopped").info.run_id
+    executor = executors.RayExecutor(experiment.id)
+    job = executors.Job("train", "train-mlp4-seed0", {**params, "resume_run_id": first})
+    stopped: list[int] = []
+
+    def stop_the_worker_then_the_study():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            run = mlflow.get_run(first)
+            worker = run.data.tags.get("pipeline.ray_worker")
+            if run.info.status == "RUNNING" and worker:
+                stopped.append(int(worker.rsplit(" ", 1)[1]))
+                time.sleep(2)  # into its epochs
+                os.kill(stopped[0], signal.SIGSTOP)
+                break
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=stop_the_worker_then_the_study, daemon=True).start()
+    try:
+        with pytest.raises(interrupts.Interrupted), interrupts.installed():
+            executor.run([job], parent)
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert stopped, "the resumed run never ran on a worker"
+    run = mlflow.get_run(first)
+    assert run.info.status == "KILLED" and tracking.INTERRUPTED_TAG in run.data.tags
+    assert run.data.tags.get("mlflow.parentRunId") != parent  # not found by its parent
+
+
+def _interrupted_in_this_process(experiment, params: dict) -> str:
+    """A train run stopped by a real SIGINT once its first checkpoint is on disk."""
+    from pipeline import interrupts
+
+    def interrupt_after_the_first_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for run in runs_in(experiment, "train"):
+                if (checkpoint_store.local_dir(run.info.run_id)
+                        / checkpoint_store.FILE_NAME).is_file():
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return
+            time.sleep(0.05)
+
+    threading.Thread(target=interrupt_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(interrupts.Interrupted) as stop, interrupts.installed():
+        train.run(params)
+    return stop.value.run_id

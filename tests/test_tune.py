@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -215,11 +216,11 @@ def test_tiny_sweep_then_reruns_reuse_trials(local_ray, experiment, tmp_path, sa
     assert any("pipeline.early_stopped" in t.data.tags for t in trials), \
         "the seeded sweep has a trial ASHA stops"
 
-    # The validation split is an input of the tune run; the test split is not.
+    # The validation split is an input of the tune run; the test split is not (that no trial
+    # reads it is test_no_trial_reads_a_test_image).
     contexts = {i.dataset.name: {t.key: t.value for t in i.tags}["mlflow.data.context"]
                 for i in parent.inputs.dataset_inputs}
     assert sorted(contexts.values()) == ["training", "validation"]
-    assert not any("test" in n for n in contexts)
 
     table = (download(run_id, "trials.csv")).read_text().splitlines()
     assert len(table) == 4 and table[0].startswith("trial,config,val_accuracy")
@@ -256,3 +257,73 @@ def test_tiny_sweep_then_reruns_reuse_trials(local_ray, experiment, tmp_path, sa
     points = [t.data.tags["pipeline.trial_point"] for t in trial_runs(experiment)]
     assert len(set(points)) == 4
     assert mlflow.get_run(more).data.metrics["trials_reused"] == 3
+
+
+def test_no_trial_reads_a_test_image_or_leaks_the_password(
+        local_ray, experiment, tmp_path, shared_tiny_mnist, monkeypatch, capfd):
+    """The sample's test labels are poisoned (200: no class), so any training or scoring that
+    reads a test image fails. Every trial finishes; the first reader of the test split is the
+    winner's retraining, which the poison stops. Meanwhile the tracking password reaches no
+    file of the Ray session or of Ray Tune's results, no command line, no output line."""
+    from urllib.parse import urlparse
+
+    import ray
+    from test_ray_executor import assert_secrets_nowhere, ray_session_folder
+
+    from pipeline.data import load_sample, save_sample
+    from pipeline.stages import sample_data, tune
+
+    password = f"password-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    data_run = sample_data.run(stage_params("sample_data", {
+        "data_dir": str(shared_tiny_mnist.root), "samples_per_class": 12, "download": False}))
+    stored = (Path(urlparse(mlflow.get_run(data_run).info.artifact_uri).path)
+              / sample_data.SAMPLE_ARTIFACT)
+    sample = load_sample(stored)
+    sample.test.labels[:] = 200
+    save_sample(sample, stored.with_suffix(".tmp.npz"))
+    stored.with_suffix(".tmp.npz").replace(stored)
+
+    path = write_space(tmp_path, with_space(trials=2, epochs=1))
+    params = stage_params("tune", {"space": str(path), "data_run_id": data_run,
+                                   "registered_model_name": f"poisoned-{uuid.uuid4().hex[:8]}",
+                                   "cpus_per_trial": 2})
+    with pytest.raises(Exception, match="out of bounds"):
+        tune.run(params)
+    trials = runs_in(experiment, "tune_trial")
+    assert [t.info.status for t in trials] == ["FINISHED", "FINISHED"]
+    [retrain] = runs_in(experiment, "train")
+    assert retrain.info.status == "FAILED"
+    assert "out of bounds" in retrain.data.tags["pipeline.error"]
+
+    out, err = capfd.readouterr()
+    assert_secrets_nowhere((password,), [ray_session_folder(ray), tmp_path / "cache"],
+                           out + err, runs_in(experiment))
+
+
+def test_a_trial_no_node_can_hold_is_refused_before_any_trial(
+        local_ray, experiment, tmp_path, sample_run, monkeypatch):
+    import threading
+
+    from pipeline.stages import tune
+
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    params = stage_params("tune", {"space": str(write_space(tmp_path, GOOD_SPACE)),
+                                   "data_run_id": sample_run.run_id, "cpus_per_trial": 3})
+    outcome: dict = {}
+
+    def sweep():
+        try:
+            tune.run(params)
+        except BaseException as err:  # noqa: BLE001 - checked below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=sweep, daemon=True)
+    thread.start()
+    thread.join(timeout=120)  # trials waiting for resources would wait forever
+    assert not thread.is_alive(), "the sweep waits for resources the cluster does not have"
+    error = outcome.get("error")
+    assert isinstance(error, PipelineError) and "cpus_per_trial=3" in str(error), error
+    assert "\n" not in str(error)
+    assert [r.data.tags["pipeline.stage"] for r in runs_in(experiment)] == ["tune"]

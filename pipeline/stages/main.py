@@ -113,10 +113,10 @@ def run(params: dict) -> str:
             "study_seeds": ",".join(map(str, study.seeds)),
             "study_epochs": study.train.get("epochs", stage_params("train")["epochs"]),
         })
-        # Joined before any stage runs: a cluster that cannot reach the tracking store is
-        # refused before a sample is drawn.
-        with ray_cluster.connected(params["ray_address"]) if executor.name == "ray" \
-                else nullcontext():
+        # Joined before any stage runs: a cluster that cannot reach the tracking store, or has
+        # no node that can hold a task, is refused before a sample is drawn.
+        with ray_cluster.connected(params["ray_address"], executor.cpus, executor.gpus) \
+                if executor.name == "ray" else nullcontext():
             table = _run_study(study, params, executor, parent.info.run_id)
         mlflow.log_text(table.to_csv(index=False), "stages.csv")
         reused = table[table.reused]

@@ -78,7 +78,7 @@ def run(params: dict) -> str:
         if missing:
             print(f"tune: {len(done)} finished trial(s) reused, running {missing}")
             context = tune_trial.TrialContext(
-                env={}, experiment_id=parent.info.experiment_id,
+                env={}, credentials={}, experiment_id=parent.info.experiment_id,
                 parent_run_id=parent.info.run_id, trial_key=key, space_name=space.name,
                 epochs=space.epochs, seed=space.seed, normalize=space.normalize, device=device)
             run_trials(space, data, context, done, missing, params)
@@ -196,12 +196,13 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
     # Ctrl-C stays pipeline.interrupts' (the tune run ends KILLED, the command exits 130)
     # rather than Ray Tune's, which would end the sweep quietly and go on to retrain.
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    with ray_cluster.connected(params["ray_address"]):
+    threads = params["cpus_per_trial"]
+    with ray_cluster.connected(params["ray_address"], threads, params["gpus_per_trial"]):
         import ray
 
-        threads = params["cpus_per_trial"]
         context = tune_trial.TrialContext(**{
-            **context.__dict__, "env": ray_cluster.worker_env(context.experiment_id, threads)})
+            **context.__dict__, "env": ray_cluster.worker_env(context.experiment_id, threads),
+            "credentials": ray_cluster.credentials()})
         searcher = OptunaSearch(
             space=distributions(space), metric=METRIC, mode=MODE,
             sampler=seeded_sampler(space, len(done)),
@@ -215,9 +216,6 @@ def run_trials(space: SearchSpace, data: tune_trial.TrialData, context: tune_tri
         concurrent = max(1, int(cpus // threads))
         if params["gpus_per_trial"] > 0:
             gpus = ray.cluster_resources().get("GPU", 0)
-            if gpus < params["gpus_per_trial"]:
-                raise PipelineError(f"gpus_per_trial={params['gpus_per_trial']} but the Ray "
-                                    f"cluster has {gpus:g} GPU(s); pass gpus_per_trial=0")
             concurrent = min(concurrent, max(1, int(gpus // params["gpus_per_trial"])))
         trainable = tune.with_resources(
             tune.with_parameters(_trainable(space), data=data, context=context),
@@ -281,8 +279,8 @@ class TrialRunCloser(Callback):
     """On the driver: one line per trial epoch, and the end of each trial's MLflow run.
 
     A trial that ASHA stops leaves its function at `tune.report` (SystemExit) and may be gone
-    before it can end its run, so its run is ended here: FINISHED, with a tag saying at which
-    epoch and why. So is a trial stopped at its last epoch (ASHA stops at max_t)."""
+    before its run is ended, so it is tagged here with the epoch and why, and ended FINISHED if
+    still RUNNING. So is a trial stopped at its last epoch (ASHA stops at max_t)."""
 
     def __init__(self, parent_run_id: str, space: SearchSpace, new_trials: int, reused: int):
         self.parent_run_id = parent_run_id
@@ -306,9 +304,9 @@ class TrialRunCloser(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         epochs = int((trial.last_result or {}).get("training_iteration", 0))
         run = self._run_of(trial.trial_id)
-        if run is None or run.info.status != "RUNNING":
+        if run is None:
             return
-        if epochs < self.space.epochs:
+        if epochs < self.space.epochs and tune_trial.EARLY_STOP_TAG not in run.data.tags:
             loss = trial.last_result.get("val_loss", float("nan"))
             self.client.set_tag(run.info.run_id, tune_trial.EARLY_STOP_TAG, (
                 f"ASHA stopped it after epoch {epochs} of {self.space.epochs}: its val_loss "
@@ -316,7 +314,8 @@ class TrialRunCloser(Callback):
                 f"that had reached epoch {epochs}"))
             print(f"[tune] trial {self._number(trial)}/{self.total} stopped early by ASHA "
                   f"after epoch {epochs}", flush=True)
-        self.client.set_terminated(run.info.run_id, "FINISHED")
+        if self.client.get_run(run.info.run_id).info.status == "RUNNING":
+            self.client.set_terminated(run.info.run_id, "FINISHED")
 
     def _run_of(self, trial_id: str):
         runs = mlflow.search_runs(
@@ -328,12 +327,11 @@ class TrialRunCloser(Callback):
     def close_leftovers(self) -> None:
         """Trial runs left RUNNING (the sweep was interrupted, or a worker died): KILLED,
         never reused; a rerun runs those trials again."""
-        for run in mlflow.search_runs(
+        ray_cluster.end_orphaned_runs(
+            [run.info.run_id for run in mlflow.search_runs(
                 filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}' "
-                              f"and attributes.status = 'RUNNING'", output_format="list"):
-            self.client.set_tag(run.info.run_id, tracking.INTERRUPTED_TAG,
-                                "the sweep stopped before this trial finished")
-            self.client.set_terminated(run.info.run_id, "KILLED")
+                              f"and attributes.status = 'RUNNING'", output_format="list")],
+            "KILLED", "the sweep stopped before this trial finished")
 
 
 def trial_table(runs: list, tune_run_id: str, epochs: int) -> pd.DataFrame:
