@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
+
+from pipeline import two_stage
 
 # epochs_to_converge: the first epoch from which test accuracy stays within
 # CONVERGENCE_TOLERANCE (0.5 percentage points) of its mean over the last CONVERGENCE_WINDOW
@@ -49,6 +51,9 @@ PAIRWISE_COLUMNS = [
     "converged_a", "converged_b", "convergence_mean_a", "convergence_mean_b",
     "convergence_difference", "convergence_ci_low", "convergence_ci_high",
     "convergence_p_value", "convergence_p_holm", "convergence_significant",
+    "procedure", "detectable_difference", "target_difference", "runs_to_detect",
+    "equivalence_margin", "tost_p_value", "tost_p_holm", "equivalent", "runs_for_equivalence",
+    "decision",
 ]
 
 
@@ -175,6 +180,102 @@ def welch_test(a, b) -> dict:
     return result
 
 
+# --- Power and equivalence (planning figures from the observed spread) ---------------------
+# "Detectable" means: Welch's two-sided test at SIGNIFICANCE_LEVEL rejects with probability
+# POWER, computed with the noncentral t distribution and the observed standard deviations in
+# place of the true ones (the usual plug-in planning figure; docs/statistics.md).
+POWER = 0.80
+DEFAULT_DETECTABLE_DIFFERENCE = 0.002  # 0.2 percentage points
+MAX_PLANNED_RUNS = 10_000  # beyond this "runs needed" is reported as not reachable (NaN)
+
+
+def _welch_df(square_se_a: float, square_se_b: float, n_a: int, n_b: int) -> float:
+    """Welch–Satterthwaite degrees of freedom from the squared standard errors."""
+    return (square_se_a + square_se_b) ** 2 / (
+        square_se_a ** 2 / (n_a - 1) + square_se_b ** 2 / (n_b - 1))
+
+
+def welch_power(difference: float, variance_a: float, n_a: int, variance_b: float,
+                n_b: int) -> float:
+    """Probability that Welch's two-sided test at SIGNIFICANCE_LEVEL rejects when the true
+    difference is `difference` and the variances are the given ones."""
+    square_se_a, square_se_b = variance_a / n_a, variance_b / n_b
+    standard_error = math.sqrt(square_se_a + square_se_b)
+    df = _welch_df(square_se_a, square_se_b, n_a, n_b)
+    critical = stats.t.ppf(1 - SIGNIFICANCE_LEVEL / 2, df)
+    shift = difference / standard_error
+    # P(T' < -c) as P(-T' > c): scipy's nct.cdf is NaN far in the lower tail
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift))
+
+
+def minimal_detectable_difference(variance_a: float, n_a: int, variance_b: float,
+                                  n_b: int) -> float:
+    """The smallest true difference Welch's test detects with probability POWER; NaN where it
+    cannot be computed (fewer than 2 runs, or no spread at all)."""
+    if min(n_a, n_b) < 2 or variance_a + variance_b == 0:
+        return math.nan
+    standard_error = math.sqrt(variance_a / n_a + variance_b / n_b)
+    upper = standard_error
+    while welch_power(upper, variance_a, n_a, variance_b, n_b) < POWER:
+        upper *= 2  # the noncentral t is NaN far out, so widen the bracket only as needed
+    return float(optimize.brentq(
+        lambda d: welch_power(d, variance_a, n_a, variance_b, n_b) - POWER,
+        0.0, upper, xtol=1e-12 * standard_error))
+
+
+def _smallest_n(reaches) -> float:
+    """The smallest n in 2..MAX_PLANNED_RUNS with reaches(n) true (reaches is monotone), or NaN."""
+    if not reaches(MAX_PLANNED_RUNS):
+        return math.nan
+    low, high = 2, MAX_PLANNED_RUNS
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle + 1, high)
+    return float(low)
+
+
+def runs_to_detect(difference: float, variance_a: float, variance_b: float) -> float:
+    """Runs per config for Welch's test to detect `difference` with probability POWER, at the
+    given variances; NaN where no spread was observed or more than MAX_PLANNED_RUNS."""
+    if variance_a + variance_b == 0 or not difference:
+        return math.nan
+    return _smallest_n(lambda n: welch_power(difference, variance_a, n, variance_b, n) >= POWER)
+
+
+def tost_power(margin: float, variance_a: float, n_a: int, variance_b: float, n_b: int) -> float:
+    """A lower bound on the probability that TOST at SIGNIFICANCE_LEVEL shows equivalence within
+    ±margin when the true difference is 0: 1 - P(lower test fails) - P(upper test fails)."""
+    square_se_a, square_se_b = variance_a / n_a, variance_b / n_b
+    df = _welch_df(square_se_a, square_se_b, n_a, n_b)
+    critical = stats.t.ppf(1 - SIGNIFICANCE_LEVEL, df)
+    shift = margin / math.sqrt(square_se_a + square_se_b)
+    return float(max(0.0, 1 - 2 * stats.nct.cdf(critical, df, shift)))
+
+
+def runs_for_equivalence(margin: float, variance_a: float, variance_b: float) -> float:
+    """Runs per config for TOST to show equivalence within ±margin with probability POWER when
+    the configs are in fact equal; NaN without a margin or spread, or beyond MAX_PLANNED_RUNS."""
+    if not margin or variance_a + variance_b == 0:
+        return math.nan
+    return _smallest_n(lambda n: tost_power(margin, variance_a, n, variance_b, n) >= POWER)
+
+
+def welch_tost(a, b, margin: float) -> float:
+    """Two one-sided Welch tests (TOST) of |mean(b) - mean(a)| < margin: the larger of the two
+    one-sided p-values. NaN where Welch's test cannot be computed or no margin is given."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not margin or len(a) < 2 or len(b) < 2:
+        return math.nan
+    square_se_a, square_se_b = _variance(a) / len(a), _variance(b) / len(b)
+    if square_se_a == 0 and square_se_b == 0:
+        return math.nan
+    standard_error = math.sqrt(square_se_a + square_se_b)
+    df = _welch_df(square_se_a, square_se_b, len(a), len(b))
+    difference = b.mean() - a.mean()
+    return float(max(stats.t.sf((difference + margin) / standard_error, df),
+                     stats.t.cdf((difference - margin) / standard_error, df)))
+
+
 def holm_adjust(p_values) -> list[float]:
     """Holm's step-down adjustment over the finite p-values (NaN stays NaN and is not counted
     in the family): sort, multiply the i-th smallest (0-based) by m - i, keep the running
@@ -188,29 +289,70 @@ def holm_adjust(p_values) -> list[float]:
     return adjusted
 
 
-def pairwise_tests(runs: pd.DataFrame) -> pd.DataFrame:
-    """For each pair of configs (a, b): Welch's t-test of b - a on final test accuracy and, over
-    the runs that converged, on epochs_to_converge, each with its raw p-value, its
-    Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%)."""
-    accuracy, convergence = {}, {}
+def pairwise_tests(runs: pd.DataFrame,
+                   detectable_difference: float = DEFAULT_DETECTABLE_DIFFERENCE,
+                   equivalence_margin: float = 0.0, first_stage_seeds=()) -> pd.DataFrame:
+    """For each pair of configs (a, b): a test of b - a on final test accuracy and, over the runs
+    that converged, Welch's t-test on epochs_to_converge, each with its raw p-value, its
+    Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%).
+
+    Accuracy is tested with Welch's t-test, or, when `first_stage_seeds` names the seeds of a
+    two-stage study's first stage, with Stein's two-stage test (pipeline.two_stage), whose error
+    rates hold although the number of runs was chosen from the first stage's spread.
+    Per pair also: the smallest difference the study could detect (POWER, 5% two-sided), the
+    runs per config needed to detect `detectable_difference`, and, with an equivalence margin,
+    the TOST p-value (Holm-adjusted over the pairs), the runs per config needed to show
+    equivalence, and the decision: "<config> better", "equivalent" or "undecided"."""
+    accuracy, first, convergence = {}, {}, {}
+    first_stage_seeds = {int(seed) for seed in first_stage_seeds}
     for config, group in runs.groupby("config", sort=False):
         accuracy[config] = group["final_test_accuracy"].to_numpy(dtype=float)
+        first[config] = group.loc[group["seed"].isin(first_stage_seeds),
+                                  "final_test_accuracy"].to_numpy(dtype=float)
         convergence[config] = group["epochs_to_converge"].dropna().to_numpy(dtype=float)
     rows = []
     for a, b in itertools.combinations(accuracy, 2):
         converged = welch_test(convergence[a], convergence[b])
+        if first_stage_seeds:
+            tested = two_stage.test(first[a], first[b], accuracy[a], accuracy[b],
+                                    equivalence_margin, CONFIDENCE)
+            tost = tested.pop("tost_p_value")
+            tested.pop("half_width")
+        else:
+            tested = welch_test(accuracy[a], accuracy[b])
+            tost = welch_tost(accuracy[a], accuracy[b], equivalence_margin)
+        n_a, n_b = len(accuracy[a]), len(accuracy[b])
+        variance_a = _variance(accuracy[a]) if n_a > 1 else math.nan
+        variance_b = _variance(accuracy[b]) if n_b > 1 else math.nan
+        planning = min(n_a, n_b) > 1 and variance_a + variance_b > 0
         rows.append({
-            "a": a, "b": b, "n_a": len(accuracy[a]), "n_b": len(accuracy[b]),
+            "a": a, "b": b, "n_a": n_a, "n_b": n_b,
             "mean_a": float(accuracy[a].mean()), "mean_b": float(accuracy[b].mean()),
-            **welch_test(accuracy[a], accuracy[b]),
+            **tested,
             "converged_a": len(convergence[a]), "converged_b": len(convergence[b]),
             "convergence_mean_a": _mean(convergence[a]), "convergence_mean_b": _mean(convergence[b]),
             **{f"convergence_{key}": value for key, value in converged.items()},
+            "procedure": "stein two-stage" if first_stage_seeds else "welch",
+            "detectable_difference": (minimal_detectable_difference(variance_a, n_a, variance_b, n_b)
+                                      if planning else math.nan),
+            "target_difference": detectable_difference,
+            "runs_to_detect": (runs_to_detect(detectable_difference, variance_a, variance_b)
+                               if planning else math.nan),
+            "equivalence_margin": equivalence_margin or math.nan,
+            "tost_p_value": tost,
+            "runs_for_equivalence": (runs_for_equivalence(equivalence_margin, variance_a, variance_b)
+                                     if planning else math.nan),
         })
     pairs = pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
     for prefix in ("", "convergence_"):
         pairs[f"{prefix}p_holm"] = holm_adjust(pairs[f"{prefix}p_value"].tolist())
         pairs[f"{prefix}significant"] = pairs[f"{prefix}p_holm"] < SIGNIFICANCE_LEVEL  # NaN: False
+    pairs["tost_p_holm"] = holm_adjust(pairs["tost_p_value"].tolist())
+    pairs["equivalent"] = pairs["tost_p_holm"] < SIGNIFICANCE_LEVEL
+    pairs["decision"] = [
+        f"{pair.b if pair.difference > 0 else pair.a} better" if pair.significant
+        else "equivalent" if pair.equivalent else "undecided"
+        for pair in pairs.itertuples()]
     return pairs
 
 
