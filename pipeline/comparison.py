@@ -393,8 +393,9 @@ def conclusion(configs: pd.DataFrame, pairs: pd.DataFrame, warnings: list[str] =
                 f"epoch is the mean over its runs that converged. Accuracies are means over "
                 f"{', '.join(_runs(n, c) for c, n in ranked['runs'].items())}.")
     if len(ranked) == 2:
-        footnote += (f" With one pair of configs the Holm-adjusted p-value equals Welch's; the "
-                     f"{CONFIDENCE:.0%} confidence interval is Welch's.")
+        test = "Welch's" if pairs.procedure.iloc[0] == "welch" else "Stein's two-stage test's"
+        footnote += (f" With one pair of configs the Holm-adjusted p-value equals {test}; the "
+                     f"{CONFIDENCE:.0%} confidence interval is {test}.")
     elif len(ranked) > 2:
         # The best config is picked from the same data, so every pair could have made a headline.
         footnote += (f" p-values are Holm-adjusted over all {len(pairs)} pairs of configs (for "
@@ -403,6 +404,22 @@ def conclusion(configs: pd.DataFrame, pairs: pd.DataFrame, warnings: list[str] =
     lines.append(footnote + ")")
     lines += [f"Note: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def two_stage_note(pairs: pd.DataFrame, first_stage: int, target_half_width: float) -> str:
+    """How a two-stage (seeds: auto) study chose its runs, and whether it met its target."""
+    widest = float(((pairs.ci_high - pairs.ci_low) / 2).max())
+    text = (f"the number of runs was chosen by Stein's two-stage procedure (Chapman's two-sample "
+            f"form; docs/statistics.md): a first stage of {first_stage} runs per config, then as "
+            f"many as each config's first-stage spread needed")
+    if not target_half_width:
+        return text + f"; the widest {CONFIDENCE:.0%} CI is ±{widest * 100:.2f} pp."
+    text += f" for a {CONFIDENCE:.0%} CI of every difference within ±{target_half_width * 100:.2f} pp"
+    if widest <= target_half_width * (1 + 1e-9):
+        return text + f"; reached (widest ±{widest * 100:.2f} pp)."
+    return (text + f"; not reached: the seed cap (max_seeds) stopped the study with a widest "
+            f"interval of ±{widest * 100:.2f} pp. Tests and intervals keep their error rates, at "
+            f"that wider precision.")
 
 
 def _oriented(pairs: pd.DataFrame, best: str, other: str) -> pd.Series:
@@ -434,12 +451,57 @@ def _accuracy_sentence(best: str, other: str, b: pd.Series, o: pd.Series, pair: 
                 f"({gap}) is exact for this sample and these seeds, but seed noise cannot be "
                 f"estimated and no significance is claimed: try more seeds or another sample.")
     evidence = (f"{gap}, {CONFIDENCE:.0%} CI {_pp(pair.ci_low)} to {_pp(pair.ci_high)}, "
-                f"Welch's t-test p = {_p(pair.p_value)}, Holm-adjusted p = {_p(pair.p_holm)}, "
-                f"{counts}")
+                f"{'Welch' if pair.procedure == 'welch' else 'Stein'}'s "
+                f"{'t-test' if pair.procedure == 'welch' else 'two-stage test'} "
+                f"p = {_p(pair.p_value)}, Holm-adjusted p = {_p(pair.p_holm)}, {counts}")
     if pair.significant:
-        return f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
-    return (f"The data cannot tell {best} and {other} apart on final test accuracy: {values} "
-            f"({evidence}).")
+        verdict = f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
+    else:
+        verdict = (f"The data cannot tell {best} and {other} apart on final test accuracy: "
+                   f"{values} ({evidence}).")
+    return " ".join([verdict, _power_sentence(b.runs, o.runs, best, other, pair),
+                     _equivalence_sentence(best, other, pair)]).rstrip()
+
+
+def _about_runs(count: float) -> str:
+    return (f"more than {MAX_PLANNED_RUNS} runs per config" if math.isnan(count)
+            else f"about {count:.0f} runs per config")
+
+
+def _power_sentence(runs_best: int, runs_other: int, best: str, other: str,
+                    pair: pd.Series) -> str:
+    """What the study could have detected, and what detecting the stated gap would take."""
+    if math.isnan(pair.detectable_difference):
+        return ""
+    counts = (f"{runs_best} runs per config" if runs_best == runs_other
+              else f"{_runs(runs_best, best)} and {_runs(runs_other, other)}")
+    return (f"With {counts} only a gap of {pair.detectable_difference * 100:.2f} pp or more would "
+            f"have been detected ({POWER:.0%} power, {SIGNIFICANCE_LEVEL:.0%} two-sided); "
+            f"detecting a gap of {pair.target_difference * 100:.2f} pp would take "
+            f"{_about_runs(pair.runs_to_detect)}.")
+
+
+def _equivalence_sentence(best: str, other: str, pair: pd.Series) -> str:
+    """Equivalence within the stated margin, or what would decide an undecided pair."""
+    if math.isnan(pair.equivalence_margin):
+        return ("" if pair.significant else "No equivalence margin was given "
+                "(equivalence_margin_pp), so equivalence is not tested.")
+    margin = f"±{pair.equivalence_margin * 100:.2f} pp"
+    tost = f"p = {_p(pair.tost_p_value)}, Holm-adjusted p = {_p(pair.tost_p_holm)}"
+    if pair.equivalent:
+        also = "The gap is also within " if pair.significant else f"{best} and {other} are equivalent within "
+        return f"{also}{margin}: two one-sided {_test_name(pair)}s (TOST) {tost}."
+    if pair.significant:
+        return f"Equivalence within {margin} is not shown (TOST {tost})."
+    return (f"Undecided: neither a difference nor equivalence within {margin} is shown (TOST "
+            f"{tost}); {_about_runs(pair.runs_for_equivalence)} would show equivalence within "
+            f"{margin} if the two are equally accurate, "
+            f"{_about_runs(pair.runs_to_detect).replace(' runs per config', '')} would detect a "
+            f"gap of {pair.target_difference * 100:.2f} pp.")
+
+
+def _test_name(pair: pd.Series) -> str:
+    return "Stein two-stage test" if pair.procedure == "stein two-stage" else "Welch test"
 
 
 def _convergence_of(config: str, row: pd.Series) -> str:
