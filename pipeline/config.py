@@ -72,10 +72,10 @@ def load_model_config(name_or_path: str) -> ModelConfig:
 class AutoSeeds:
     """`seeds: auto`: Stein's two-stage procedure picks the number of seeds (pipeline.two_stage).
     Seeds 0..first_stage-1 first, then as many more per config as its spread needs for a 95%
-    interval of every difference no wider than ±half_width, at most max_seeds per config."""
+    interval of every difference no wider than ±half_width_pp, at most max_seeds per config."""
 
     first_stage: int
-    half_width: float  # of the 95% interval, as a fraction (0.002 = 0.2 pp)
+    half_width_pp: float  # of the 95% interval, in percentage points
     max_seeds: int
 
 
@@ -90,7 +90,7 @@ class Study:
     train: dict  # train parameters shared by every (config, seed)
     registered_model_name: str
     auto: AutoSeeds | None = None
-    equivalence_margin: float = 0.0  # as a fraction; 0: no equivalence test
+    equivalence_margin_pp: float = 0.0  # 0: no equivalence test
 
 
 def _split_list(text: str) -> list[str]:
@@ -118,8 +118,8 @@ def _auto_seeds(content: dict, path: Path, overrides: dict) -> AutoSeeds:
     auto = AutoSeeds(
         first_stage=_number(given.get("first_stage", 5), "auto_seeds.first_stage", int, 2,
                             "the first stage needs 2 or more seeds per config to see spread"),
-        half_width=_number(given["half_width_pp"], "auto_seeds.half_width_pp", float, 1e-6,
-                           "the target 95% CI half-width in percentage points, e.g. 0.2") / 100,
+        half_width_pp=_number(given["half_width_pp"], "auto_seeds.half_width_pp", float, 1e-6,
+                              "the target 95% CI half-width in percentage points, e.g. 0.2"),
         max_seeds=_number(given.get("max_seeds", 30), "auto_seeds.max_seeds", int, 2,
                           "the most seeds any config may get, e.g. 30"),
     )
@@ -158,8 +158,8 @@ def load_study(name_or_path: str, epochs: str = "", seeds: str = "", configs: st
         train=train,
         registered_model_name=registered_model_name or content.get("registered_model_name", "mnist-mlp"),
         auto=auto,
-        equivalence_margin=_number(margin, "equivalence_margin_pp", float, 0,
-                                   "a margin in percentage points, e.g. 0.2, or 0 for none") / 100,
+        equivalence_margin_pp=_number(margin, "equivalence_margin_pp", float, 0,
+                                      "a margin in percentage points, e.g. 0.2, or 0 for none"),
     )
     if not study.configs:
         raise PipelineError(f"study {path} lists no configs: add e.g. `configs: [mlp3, mlp4]`")

@@ -94,11 +94,11 @@ class TestStudyFile:
                                 max_seeds=12)
         study = load_study(path)
         assert study.seeds == [0, 1, 2]
-        assert (study.auto.first_stage, study.auto.half_width, study.auto.max_seeds) == \
-            (3, pytest.approx(0.0025), 12)
-        assert study.equivalence_margin == pytest.approx(0.005)
+        assert (study.auto.first_stage, study.auto.half_width_pp, study.auto.max_seeds) == \
+            (3, 0.25, 12)
+        assert study.equivalence_margin_pp == 0.5
         overridden = load_study(path, half_width_pp="0.1", max_seeds="20")
-        assert (overridden.auto.half_width, overridden.auto.max_seeds) == (0.001, 20)
+        assert (overridden.auto.half_width_pp, overridden.auto.max_seeds) == (0.1, 20)
 
     @pytest.mark.parametrize("auto, fragment", [
         ({"first_stage": 3}, "has `seeds: auto` but no target"),
@@ -115,7 +115,7 @@ class TestStudyFile:
 
     def test_seeds_auto_on_the_command_line_of_a_fixed_study(self):
         study = load_study("depth_seeds", seeds="auto", half_width_pp="0.2")
-        assert study.seeds == [0, 1, 2, 3, 4] and study.auto.half_width == pytest.approx(0.002)
+        assert study.seeds == [0, 1, 2, 3, 4] and study.auto.half_width_pp == 0.2
 
 
 def test_main_with_seeds_auto_runs_a_second_stage_only_as_needed_and_resumes(

@@ -151,12 +151,11 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
             for fit in fits], executor, parent_run_id)
 
     fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
-    analysis = {"equivalence_margin_pp": study.equivalence_margin * 100}
+    analysis = {"equivalence_margin_pp": study.equivalence_margin_pp}
     if study.auto:
-        more, _ = auto_seeds.second_stage(study, fits, train_runs)
-        train_runs += train(more)[1]
+        train_runs += train(auto_seeds.second_stage(study, fits, train_runs))[1]
         analysis.update(first_stage_seeds=",".join(map(str, study.seeds)),
-                        target_half_width_pp=study.auto.half_width * 100)
+                        target_half_width_pp=study.auto.half_width_pp)
     mlflow.set_tag(tracking.TRAIN_RUNS_TAG, ",".join(train_runs))
 
     scorings = [stage_params("evaluate", {"model_uri": f"runs:/{train_run}/model",
