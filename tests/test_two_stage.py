@@ -29,6 +29,17 @@ def test_critical_value_is_the_quantile_of_a_difference_of_two_t_variables():
         math.sqrt(2) * stats.norm.ppf(0.975), rel=1e-3)
 
 
+@pytest.mark.parametrize("x", [0.5, 25.0, 5000.0, 9999.0, 10001.0, 1e6])
+def test_the_tail_is_right_far_out_where_the_two_peaks_are_apart(x):
+    # with 1 degree of freedom T_b - T_a is Cauchy with scale 2
+    assert two_stage.difference_of_t_sf(x, 1, 1) == pytest.approx(
+        0.5 - math.atan(x / 2) / math.pi, rel=1e-6)
+    # far out, a difference of t variables is beyond x about when one of them is
+    if x >= 5000:
+        assert two_stage.difference_of_t_sf(x, 4, 4) == pytest.approx(2 * stats.t.sf(x, 4),
+                                                                      rel=1e-3)
+
+
 def test_plan_gives_each_config_the_runs_its_first_stage_spread_needs():
     c = two_stage.critical_value(4, 4, 0.025)
     z = (0.002 / c) ** 2
