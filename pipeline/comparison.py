@@ -10,6 +10,11 @@ Statistics, in short:
   picked from the same data, so every pair is a comparison that could have made a headline.
   A difference is called significant when its Holm-adjusted p is below 5%. The confidence
   intervals are per comparison and not adjusted.
+- Power (what the study could have detected, and the runs needed to detect a stated gap) and,
+  with a margin, equivalence by two one-sided tests (TOST, Holm-adjusted likewise) give each
+  pair one decision: a config better, equivalent, or undecided. A `seeds: auto` study is
+  tested with Stein's two-stage procedure instead of Welch's (pipeline.two_stage).
+  docs/statistics.md has the details and the references.
 - A group whose standard deviation is below STD_TOLERANCE has no spread (the rest is floating
   point noise: accuracies are multiples of 1/N test images). If neither group has spread there
   is no noise to test against: no test, no interval.
@@ -44,6 +49,7 @@ SUMMARY_STATS = (
 SETTINGS = ("num_params", "epochs", "lr", "batch_size", "momentum")
 CONFIDENCE = 0.95  # of the confidence intervals
 SIGNIFICANCE_LEVEL = 0.05  # for the Holm-adjusted p-values
+TEST_NAMES = {"welch": "Welch's t-test", "stein two-stage": "Stein's two-stage test"}
 STD_TOLERANCE = 1e-12  # a standard deviation below this is floating point noise, i.e. zero
 PAIRWISE_COLUMNS = [
     "a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference", "ci_low", "ci_high",
@@ -453,9 +459,8 @@ def _accuracy_sentence(best: str, other: str, b: pd.Series, o: pd.Series, pair: 
                 f"({gap}) is exact for this sample and these seeds, but seed noise cannot be "
                 f"estimated and no significance is claimed: try more seeds or another sample.")
     evidence = (f"{gap}, {CONFIDENCE:.0%} CI {_pp(pair.ci_low)} to {_pp(pair.ci_high)}, "
-                f"{'Welch' if pair.procedure == 'welch' else 'Stein'}'s "
-                f"{'t-test' if pair.procedure == 'welch' else 'two-stage test'} "
-                f"p = {_p(pair.p_value)}, Holm-adjusted p = {_p(pair.p_holm)}, {counts}")
+                f"{TEST_NAMES[pair.procedure]} p = {_p(pair.p_value)}, Holm-adjusted p = "
+                f"{_p(pair.p_holm)}, {counts}")
     if pair.significant:
         verdict = f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
     else:
@@ -465,9 +470,8 @@ def _accuracy_sentence(best: str, other: str, b: pd.Series, o: pd.Series, pair: 
                      _equivalence_sentence(best, other, pair)]).rstrip()
 
 
-def _about_runs(count: float) -> str:
-    return (f"more than {MAX_PLANNED_RUNS} runs per config" if math.isnan(count)
-            else f"about {count:.0f} runs per config")
+def _about(count: float) -> str:
+    return f"more than {MAX_PLANNED_RUNS}" if math.isnan(count) else f"about {count:.0f}"
 
 
 def _power_sentence(runs_best: int, runs_other: int, best: str, other: str,
@@ -480,7 +484,7 @@ def _power_sentence(runs_best: int, runs_other: int, best: str, other: str,
     return (f"With {counts} only a gap of {pair.detectable_difference * 100:.2f} pp or more would "
             f"have been detected ({POWER:.0%} power, {SIGNIFICANCE_LEVEL:.0%} two-sided); "
             f"detecting a gap of {pair.target_difference * 100:.2f} pp would take "
-            f"{_about_runs(pair.runs_to_detect)}.")
+            f"{_about(pair.runs_to_detect)} runs per config.")
 
 
 def _equivalence_sentence(best: str, other: str, pair: pd.Series) -> str:
@@ -492,18 +496,15 @@ def _equivalence_sentence(best: str, other: str, pair: pd.Series) -> str:
     tost = f"p = {_p(pair.tost_p_value)}, Holm-adjusted p = {_p(pair.tost_p_holm)}"
     if pair.equivalent:
         also = "The gap is also within " if pair.significant else f"{best} and {other} are equivalent within "
-        return f"{also}{margin}: two one-sided {_test_name(pair)}s (TOST) {tost}."
+        one_sided = "Welch tests" if pair.procedure == "welch" else "Stein two-stage tests"
+        return f"{also}{margin}: two one-sided {one_sided} (TOST) {tost}."
     if pair.significant:
         return f"Equivalence within {margin} is not shown (TOST {tost})."
     return (f"Undecided: neither a difference nor equivalence within {margin} is shown (TOST "
-            f"{tost}); {_about_runs(pair.runs_for_equivalence)} would show equivalence within "
-            f"{margin} if the two are equally accurate, "
-            f"{_about_runs(pair.runs_to_detect).replace(' runs per config', '')} would detect a "
-            f"gap of {pair.target_difference * 100:.2f} pp.")
-
-
-def _test_name(pair: pd.Series) -> str:
-    return "Stein two-stage test" if pair.procedure == "stein two-stage" else "Welch test"
+            f"{tost}); {_about(pair.runs_for_equivalence)} runs per config would show "
+            f"equivalence within {margin} if the two are equally accurate, "
+            f"{_about(pair.runs_to_detect)} would detect a gap of "
+            f"{pair.target_difference * 100:.2f} pp.")
 
 
 def _convergence_of(config: str, row: pd.Series) -> str:

@@ -141,3 +141,14 @@ class TestEquivalence:
         expected = np.maximum.accumulate(np.minimum(1, raw[order] * np.array([3, 2, 1])))
         assert pairs["tost_p_holm"].to_numpy()[order] == pytest.approx(expected, rel=1e-12)
         assert (pairs["equivalent"] == (pairs["tost_p_holm"] < 0.05)).all()
+
+    def test_a_real_but_negligible_gap_is_called_better_and_within_the_margin(self):
+        tight_a = [0.9500, 0.9501, 0.9499, 0.9500, 0.9501]
+        tight_b = [0.9505, 0.9506, 0.9504, 0.9505, 0.9506]
+        pairs, text = analyse(seeds("mlp3", tight_a) + seeds("mlp4", tight_b),
+                              equivalence_margin=0.003)
+        pair = pairs.loc[("mlp3", "mlp4")]
+        assert pair.significant and pair.equivalent and pair.decision == "mlp4 better"
+        assert text.splitlines()[0].startswith("mlp4 is more accurate than mlp3")
+        assert (f"The gap is also within ±0.30 pp: two one-sided Welch tests (TOST) p = "
+                f"{pair.tost_p_value:.3g}") in text.splitlines()[0]
