@@ -9,7 +9,6 @@ written out here, and the conclusion's words sentence by sentence.
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats
 

@@ -1,7 +1,9 @@
 """main: the whole study, every stage a nested run, finished stages reused.
 
 sample_data and compare run in this process; the trainings and evaluations run on the chosen
-executor (pipeline.executors): here one after another, or side by side as Ray tasks.
+executor (pipeline.executors): here one after another, or side by side as Ray tasks. With
+`seeds: auto` a second batch of trainings follows the first, as many per config as Stein's
+two-stage procedure asks for (pipeline.auto_seeds).
 
 A stage is reused when a FINISHED run in this experiment has the same cache key: the stage,
 its parameters, the run ids it consumes and the source of the code it runs (see
@@ -141,6 +143,7 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
     # Consumers log the sampling that made their sample, as they would when run alone.
     sampling = {"data_dir": data["data_dir"], "samples_per_class": data["samples_per_class"],
                 "sampling": data["sampling"], "sampling_seed": data["seed"]}
+
     def train(pairs: list[tuple[str, int]]) -> tuple[list[dict], list[str]]:
         fits = [stage_params("train", {**study.train, "config": config, "seed": seed,
                                        "data_run_id": data_run, **sampling})
