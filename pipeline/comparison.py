@@ -10,6 +10,11 @@ Statistics, in short:
   picked from the same data, so every pair is a comparison that could have made a headline.
   A difference is called significant when its Holm-adjusted p is below 5%. The confidence
   intervals are per comparison and not adjusted.
+- Power (what the study could have detected, and the runs needed to detect a stated gap) and,
+  with a margin, equivalence by two one-sided tests (TOST, Holm-adjusted likewise) give each
+  pair one decision: a config better, equivalent, or undecided. A `seeds: auto` study is
+  tested with Stein's two-stage procedure instead of Welch's (pipeline.two_stage).
+  docs/statistics.md has the details and the references.
 - A group whose standard deviation is below STD_TOLERANCE has no spread (the rest is floating
   point noise: accuracies are multiples of 1/N test images). If neither group has spread there
   is no noise to test against: no test, no interval.
@@ -23,7 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, special, stats
+
+from pipeline import two_stage
 
 # epochs_to_converge: the first epoch from which test accuracy stays within
 # CONVERGENCE_TOLERANCE (0.5 percentage points) of its mean over the last CONVERGENCE_WINDOW
@@ -42,6 +49,7 @@ SUMMARY_STATS = (
 SETTINGS = ("num_params", "epochs", "lr", "batch_size", "momentum")
 CONFIDENCE = 0.95  # of the confidence intervals
 SIGNIFICANCE_LEVEL = 0.05  # for the Holm-adjusted p-values
+TEST_NAMES = {"welch": "Welch's t-test", "stein two-stage": "Stein's two-stage test"}
 STD_TOLERANCE = 1e-12  # a standard deviation below this is floating point noise, i.e. zero
 PAIRWISE_COLUMNS = [
     "a", "b", "n_a", "n_b", "mean_a", "mean_b", "difference", "ci_low", "ci_high",
@@ -49,6 +57,9 @@ PAIRWISE_COLUMNS = [
     "converged_a", "converged_b", "convergence_mean_a", "convergence_mean_b",
     "convergence_difference", "convergence_ci_low", "convergence_ci_high",
     "convergence_p_value", "convergence_p_holm", "convergence_significant",
+    "procedure", "detectable_difference", "target_difference", "runs_to_detect",
+    "equivalence_margin", "tost_p_value", "tost_p_holm", "equivalent", "runs_for_equivalence",
+    "decision",
 ]
 
 
@@ -169,10 +180,108 @@ def welch_test(a, b) -> dict:
     # Welch–Satterthwaite degrees of freedom
     df = (square_se_a + square_se_b) ** 2 / (
         square_se_a ** 2 / (len(a) - 1) + square_se_b ** 2 / (len(b) - 1))
-    half_width = stats.t.ppf(0.5 + CONFIDENCE / 2, df) * standard_error
+    # special.stdtr/stdtrit are what stats.t.sf/ppf compute, without their per-call overhead
+    # (the simulation tests call this thousands of times)
+    half_width = special.stdtrit(df, 0.5 + CONFIDENCE / 2) * standard_error
     result.update(ci_low=difference - half_width, ci_high=difference + half_width,
-                  p_value=float(2 * stats.t.sf(abs(difference) / standard_error, df)))
+                  p_value=float(2 * special.stdtr(df, -abs(difference) / standard_error)))
     return result
+
+
+# --- Power and equivalence (planning figures from the observed spread) ---------------------
+# "Detectable" means: Welch's two-sided test at SIGNIFICANCE_LEVEL rejects with probability
+# POWER, computed with the noncentral t distribution and the observed standard deviations in
+# place of the true ones (the usual plug-in planning figure; docs/statistics.md).
+POWER = 0.80
+DEFAULT_DETECTABLE_DIFFERENCE = 0.002  # 0.2 percentage points
+MAX_PLANNED_RUNS = 10_000  # beyond this "runs needed" is reported as not reachable (NaN)
+
+
+def _welch_df(square_se_a: float, square_se_b: float, n_a: int, n_b: int) -> float:
+    """Welch–Satterthwaite degrees of freedom from the squared standard errors."""
+    return (square_se_a + square_se_b) ** 2 / (
+        square_se_a ** 2 / (n_a - 1) + square_se_b ** 2 / (n_b - 1))
+
+
+def welch_power(difference: float, variance_a: float, n_a: int, variance_b: float,
+                n_b: int) -> float:
+    """Probability that Welch's two-sided test at SIGNIFICANCE_LEVEL rejects when the true
+    difference is `difference` and the variances are the given ones."""
+    square_se_a, square_se_b = variance_a / n_a, variance_b / n_b
+    standard_error = math.sqrt(square_se_a + square_se_b)
+    df = _welch_df(square_se_a, square_se_b, n_a, n_b)
+    critical = stats.t.ppf(1 - SIGNIFICANCE_LEVEL / 2, df)
+    shift = difference / standard_error
+    # P(T' < -c) as P(-T' > c): scipy's nct.cdf is NaN far in the lower tail
+    return float(stats.nct.sf(critical, df, shift) + stats.nct.sf(critical, df, -shift))
+
+
+def minimal_detectable_difference(variance_a: float, n_a: int, variance_b: float,
+                                  n_b: int) -> float:
+    """The smallest true difference Welch's test detects with probability POWER; NaN where it
+    cannot be computed (fewer than 2 runs, or no spread at all)."""
+    if min(n_a, n_b) < 2 or variance_a + variance_b == 0:
+        return math.nan
+    standard_error = math.sqrt(variance_a / n_a + variance_b / n_b)
+    upper = standard_error
+    while welch_power(upper, variance_a, n_a, variance_b, n_b) < POWER:
+        upper *= 2  # the noncentral t is NaN far out, so widen the bracket only as needed
+    return float(optimize.brentq(
+        lambda d: welch_power(d, variance_a, n_a, variance_b, n_b) - POWER,
+        0.0, upper, xtol=1e-12 * standard_error))
+
+
+def _smallest_n(reaches) -> float:
+    """The smallest n in 2..MAX_PLANNED_RUNS with reaches(n) true (reaches is monotone), or NaN."""
+    if not reaches(MAX_PLANNED_RUNS):
+        return math.nan
+    low, high = 2, MAX_PLANNED_RUNS
+    while low < high:
+        middle = (low + high) // 2
+        low, high = (low, middle) if reaches(middle) else (middle + 1, high)
+    return float(low)
+
+
+def runs_to_detect(difference: float, variance_a: float, variance_b: float) -> float:
+    """Runs per config for Welch's test to detect `difference` with probability POWER, at the
+    given variances; NaN where no spread was observed or more than MAX_PLANNED_RUNS."""
+    if variance_a + variance_b == 0 or not difference:
+        return math.nan
+    return _smallest_n(lambda n: welch_power(difference, variance_a, n, variance_b, n) >= POWER)
+
+
+def tost_power(margin: float, variance_a: float, n_a: int, variance_b: float, n_b: int) -> float:
+    """A lower bound on the probability that TOST at SIGNIFICANCE_LEVEL shows equivalence within
+    ±margin when the true difference is 0: 1 - P(lower test fails) - P(upper test fails)."""
+    square_se_a, square_se_b = variance_a / n_a, variance_b / n_b
+    df = _welch_df(square_se_a, square_se_b, n_a, n_b)
+    critical = stats.t.ppf(1 - SIGNIFICANCE_LEVEL, df)
+    shift = margin / math.sqrt(square_se_a + square_se_b)
+    return float(max(0.0, 1 - 2 * stats.nct.cdf(critical, df, shift)))
+
+
+def runs_for_equivalence(margin: float, variance_a: float, variance_b: float) -> float:
+    """Runs per config for TOST to show equivalence within ±margin with probability POWER when
+    the configs are in fact equal; NaN without a margin or spread, or beyond MAX_PLANNED_RUNS."""
+    if not margin or variance_a + variance_b == 0:
+        return math.nan
+    return _smallest_n(lambda n: tost_power(margin, variance_a, n, variance_b, n) >= POWER)
+
+
+def welch_tost(a, b, margin: float) -> float:
+    """Two one-sided Welch tests (TOST) of |mean(b) - mean(a)| < margin: the larger of the two
+    one-sided p-values. NaN where Welch's test cannot be computed or no margin is given."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not margin or len(a) < 2 or len(b) < 2:
+        return math.nan
+    square_se_a, square_se_b = _variance(a) / len(a), _variance(b) / len(b)
+    if square_se_a == 0 and square_se_b == 0:
+        return math.nan
+    standard_error = math.sqrt(square_se_a + square_se_b)
+    df = _welch_df(square_se_a, square_se_b, len(a), len(b))
+    difference = b.mean() - a.mean()
+    # the larger one-sided p is the one of the bound nearer to the difference
+    return float(special.stdtr(df, (abs(difference) - margin) / standard_error))
 
 
 def holm_adjust(p_values) -> list[float]:
@@ -188,29 +297,70 @@ def holm_adjust(p_values) -> list[float]:
     return adjusted
 
 
-def pairwise_tests(runs: pd.DataFrame) -> pd.DataFrame:
-    """For each pair of configs (a, b): Welch's t-test of b - a on final test accuracy and, over
-    the runs that converged, on epochs_to_converge, each with its raw p-value, its
-    Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%)."""
-    accuracy, convergence = {}, {}
+def pairwise_tests(runs: pd.DataFrame,
+                   detectable_difference: float = DEFAULT_DETECTABLE_DIFFERENCE,
+                   equivalence_margin: float = 0.0, first_stage_seeds=()) -> pd.DataFrame:
+    """For each pair of configs (a, b): a test of b - a on final test accuracy and, over the runs
+    that converged, Welch's t-test on epochs_to_converge, each with its raw p-value, its
+    Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%).
+
+    Accuracy is tested with Welch's t-test, or, when `first_stage_seeds` names the seeds of a
+    two-stage study's first stage, with Stein's two-stage test (pipeline.two_stage), whose error
+    rates hold although the number of runs was chosen from the first stage's spread.
+    Per pair also: the smallest difference the study could detect (POWER, 5% two-sided), the
+    runs per config needed to detect `detectable_difference`, and, with an equivalence margin,
+    the TOST p-value (Holm-adjusted over the pairs), the runs per config needed to show
+    equivalence, and the decision: "<config> better", "equivalent" or "undecided"."""
+    accuracy, first, convergence = {}, {}, {}
+    first_stage_seeds = {int(seed) for seed in first_stage_seeds}
     for config, group in runs.groupby("config", sort=False):
         accuracy[config] = group["final_test_accuracy"].to_numpy(dtype=float)
+        first[config] = group.loc[group["seed"].isin(first_stage_seeds),
+                                  "final_test_accuracy"].to_numpy(dtype=float)
         convergence[config] = group["epochs_to_converge"].dropna().to_numpy(dtype=float)
     rows = []
     for a, b in itertools.combinations(accuracy, 2):
         converged = welch_test(convergence[a], convergence[b])
+        if first_stage_seeds:
+            tested = two_stage.test(first[a], first[b], accuracy[a], accuracy[b],
+                                    equivalence_margin, CONFIDENCE)
+            tost = tested.pop("tost_p_value")
+            tested.pop("half_width")
+        else:
+            tested = welch_test(accuracy[a], accuracy[b])
+            tost = welch_tost(accuracy[a], accuracy[b], equivalence_margin)
+        n_a, n_b = len(accuracy[a]), len(accuracy[b])
+        variance_a = _variance(accuracy[a]) if n_a > 1 else math.nan
+        variance_b = _variance(accuracy[b]) if n_b > 1 else math.nan
+        planning = min(n_a, n_b) > 1 and variance_a + variance_b > 0
         rows.append({
-            "a": a, "b": b, "n_a": len(accuracy[a]), "n_b": len(accuracy[b]),
+            "a": a, "b": b, "n_a": n_a, "n_b": n_b,
             "mean_a": float(accuracy[a].mean()), "mean_b": float(accuracy[b].mean()),
-            **welch_test(accuracy[a], accuracy[b]),
+            **tested,
             "converged_a": len(convergence[a]), "converged_b": len(convergence[b]),
             "convergence_mean_a": _mean(convergence[a]), "convergence_mean_b": _mean(convergence[b]),
             **{f"convergence_{key}": value for key, value in converged.items()},
+            "procedure": "stein two-stage" if first_stage_seeds else "welch",
+            "detectable_difference": (minimal_detectable_difference(variance_a, n_a, variance_b, n_b)
+                                      if planning else math.nan),
+            "target_difference": detectable_difference,
+            "runs_to_detect": (runs_to_detect(detectable_difference, variance_a, variance_b)
+                               if planning else math.nan),
+            "equivalence_margin": equivalence_margin or math.nan,
+            "tost_p_value": tost,
+            "runs_for_equivalence": (runs_for_equivalence(equivalence_margin, variance_a, variance_b)
+                                     if planning else math.nan),
         })
     pairs = pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
     for prefix in ("", "convergence_"):
         pairs[f"{prefix}p_holm"] = holm_adjust(pairs[f"{prefix}p_value"].tolist())
         pairs[f"{prefix}significant"] = pairs[f"{prefix}p_holm"] < SIGNIFICANCE_LEVEL  # NaN: False
+    pairs["tost_p_holm"] = holm_adjust(pairs["tost_p_value"].tolist())
+    pairs["equivalent"] = pairs["tost_p_holm"] < SIGNIFICANCE_LEVEL
+    pairs["decision"] = [
+        f"{pair.b if pair.difference > 0 else pair.a} better" if pair.significant
+        else "equivalent" if pair.equivalent else "undecided"
+        for pair in pairs.itertuples()]
     return pairs
 
 
@@ -251,8 +401,9 @@ def conclusion(configs: pd.DataFrame, pairs: pd.DataFrame, warnings: list[str] =
                 f"epoch is the mean over its runs that converged. Accuracies are means over "
                 f"{', '.join(_runs(n, c) for c, n in ranked['runs'].items())}.")
     if len(ranked) == 2:
-        footnote += (f" With one pair of configs the Holm-adjusted p-value equals Welch's; the "
-                     f"{CONFIDENCE:.0%} confidence interval is Welch's.")
+        test = "Welch's" if pairs.procedure.iloc[0] == "welch" else "Stein's two-stage test's"
+        footnote += (f" With one pair of configs the Holm-adjusted p-value equals {test}; the "
+                     f"{CONFIDENCE:.0%} confidence interval is {test}.")
     elif len(ranked) > 2:
         # The best config is picked from the same data, so every pair could have made a headline.
         footnote += (f" p-values are Holm-adjusted over all {len(pairs)} pairs of configs (for "
@@ -261,6 +412,22 @@ def conclusion(configs: pd.DataFrame, pairs: pd.DataFrame, warnings: list[str] =
     lines.append(footnote + ")")
     lines += [f"Note: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def two_stage_note(pairs: pd.DataFrame, first_stage: int, target_half_width: float) -> str:
+    """How a two-stage (seeds: auto) study chose its runs, and whether it met its target."""
+    widest = float(((pairs.ci_high - pairs.ci_low) / 2).max())
+    text = (f"the number of runs was chosen by Stein's two-stage procedure (Chapman's two-sample "
+            f"form; docs/statistics.md): a first stage of {first_stage} runs per config, then as "
+            f"many as each config's first-stage spread needed")
+    if not target_half_width:
+        return text + f"; the widest {CONFIDENCE:.0%} CI is ±{widest * 100:.2f} pp."
+    text += f" for a {CONFIDENCE:.0%} CI of every difference within ±{target_half_width * 100:.2f} pp"
+    if widest <= target_half_width * (1 + 1e-9):
+        return text + f"; reached (widest ±{widest * 100:.2f} pp)."
+    return (text + f"; not reached: the seed cap (max_seeds) stopped the study with a widest "
+            f"interval of ±{widest * 100:.2f} pp. Tests and intervals keep their error rates, at "
+            f"that wider precision.")
 
 
 def _oriented(pairs: pd.DataFrame, best: str, other: str) -> pd.Series:
@@ -292,12 +459,52 @@ def _accuracy_sentence(best: str, other: str, b: pd.Series, o: pd.Series, pair: 
                 f"({gap}) is exact for this sample and these seeds, but seed noise cannot be "
                 f"estimated and no significance is claimed: try more seeds or another sample.")
     evidence = (f"{gap}, {CONFIDENCE:.0%} CI {_pp(pair.ci_low)} to {_pp(pair.ci_high)}, "
-                f"Welch's t-test p = {_p(pair.p_value)}, Holm-adjusted p = {_p(pair.p_holm)}, "
-                f"{counts}")
+                f"{TEST_NAMES[pair.procedure]} p = {_p(pair.p_value)}, Holm-adjusted p = "
+                f"{_p(pair.p_holm)}, {counts}")
     if pair.significant:
-        return f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
-    return (f"The data cannot tell {best} and {other} apart on final test accuracy: {values} "
-            f"({evidence}).")
+        verdict = f"{best} is more accurate than {other}: final test accuracy {values} ({evidence})."
+    else:
+        verdict = (f"The data cannot tell {best} and {other} apart on final test accuracy: "
+                   f"{values} ({evidence}).")
+    return " ".join([verdict, _power_sentence(b.runs, o.runs, best, other, pair),
+                     _equivalence_sentence(best, other, pair)]).rstrip()
+
+
+def _about(count: float) -> str:
+    return f"more than {MAX_PLANNED_RUNS}" if math.isnan(count) else f"about {count:.0f}"
+
+
+def _power_sentence(runs_best: int, runs_other: int, best: str, other: str,
+                    pair: pd.Series) -> str:
+    """What the study could have detected, and what detecting the stated gap would take."""
+    if math.isnan(pair.detectable_difference):
+        return ""
+    counts = (f"{runs_best} runs per config" if runs_best == runs_other
+              else f"{_runs(runs_best, best)} and {_runs(runs_other, other)}")
+    return (f"With {counts} only a gap of {pair.detectable_difference * 100:.2f} pp or more would "
+            f"have been detected ({POWER:.0%} power, {SIGNIFICANCE_LEVEL:.0%} two-sided); "
+            f"detecting a gap of {pair.target_difference * 100:.2f} pp would take "
+            f"{_about(pair.runs_to_detect)} runs per config.")
+
+
+def _equivalence_sentence(best: str, other: str, pair: pd.Series) -> str:
+    """Equivalence within the stated margin, or what would decide an undecided pair."""
+    if math.isnan(pair.equivalence_margin):
+        return ("" if pair.significant else "No equivalence margin was given "
+                "(equivalence_margin_pp), so equivalence is not tested.")
+    margin = f"±{pair.equivalence_margin * 100:.2f} pp"
+    tost = f"p = {_p(pair.tost_p_value)}, Holm-adjusted p = {_p(pair.tost_p_holm)}"
+    if pair.equivalent:
+        also = "The gap is also within " if pair.significant else f"{best} and {other} are equivalent within "
+        one_sided = "Welch tests" if pair.procedure == "welch" else "Stein two-stage tests"
+        return f"{also}{margin}: two one-sided {one_sided} (TOST) {tost}."
+    if pair.significant:
+        return f"Equivalence within {margin} is not shown (TOST {tost})."
+    return (f"Undecided: neither a difference nor equivalence within {margin} is shown (TOST "
+            f"{tost}); {_about(pair.runs_for_equivalence)} runs per config would show "
+            f"equivalence within {margin} if the two are equally accurate, "
+            f"{_about(pair.runs_to_detect)} would detect a gap of "
+            f"{pair.target_difference * 100:.2f} pp.")
 
 
 def _convergence_of(config: str, row: pd.Series) -> str:

@@ -105,7 +105,9 @@ def evaluate_key(params: dict, source_run: str | None, data_run_id: str) -> str:
 
 def compare_key(params: dict, train_run_ids: list[str]) -> str:
     identity = {"runs": sorted(train_run_ids), "name": params["registered_model_name"],
-                "register": params["register"]}
+                "register": params["register"],
+                **{k: params[k] for k in ("detectable_difference_pp", "equivalence_margin_pp",
+                                          "first_stage_seeds", "target_half_width_pp")}}
     return tracking.cache_key("compare", identity, "pipeline.stages.compare")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pandas as pd
 
 from pipeline import plots, registry, stage_keys, tracking
 from pipeline.comparison import (
     RunRecord, config_table, conclusion, pairwise_tests, readable_table, run_table,
+    two_stage_note,
 )
 from pipeline.errors import PipelineError
 from pipeline.training import METRIC_NAMES
@@ -90,6 +93,30 @@ def load_record(run) -> RunRecord:
     )
 
 
+def _percentage(params: dict, name: str, minimum: float) -> float:
+    value = params[name]
+    if not math.isfinite(value) or value < minimum:
+        raise PipelineError(f"{name} must be a number of percentage points of at least "
+                            f"{minimum:g}, got {value!r}; e.g. {name}=0.2")
+    return value
+
+
+def _first_stage_seeds(params: dict, runs: pd.DataFrame) -> list[int]:
+    """The first stage's seeds of a two-stage study; each config must have run them all."""
+    try:
+        seeds = [int(s) for s in split_ids(params["first_stage_seeds"])]
+    except ValueError:
+        raise PipelineError(f"first_stage_seeds must be comma-separated whole numbers, got "
+                            f"{params['first_stage_seeds']!r}") from None
+    for config, group in runs.groupby("config"):
+        missing = sorted(set(seeds) - set(group["seed"]))
+        if missing:
+            raise PipelineError(f"{config} has no run for first-stage seed(s) "
+                                f"{', '.join(map(str, missing))}: rerun the study, or compare "
+                                f"without first_stage_seeds")
+    return seeds
+
+
 def length_notes(runs: pd.DataFrame) -> list[str]:
     lengths = sorted(runs["epochs"].unique())
     if len(lengths) > 1:
@@ -107,8 +134,13 @@ def run(params: dict) -> str:
         records = [load_record(r) for r in selected]
         runs = run_table(records)
         configs = config_table(runs)
-        pairs = pairwise_tests(runs)
+        first_stage = _first_stage_seeds(params, runs)
+        pairs = pairwise_tests(runs, _percentage(params, "detectable_difference_pp", 1e-9) / 100,
+                               _percentage(params, "equivalence_margin_pp", 0) / 100, first_stage)
         notes += length_notes(runs)
+        if first_stage:
+            notes.append(two_stage_note(pairs, len(first_stage),
+                                        _percentage(params, "target_half_width_pp", 0) / 100))
         text = conclusion(configs, pairs, notes)
         print(text)
 

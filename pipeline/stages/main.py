@@ -1,7 +1,9 @@
 """main: the whole study, every stage a nested run, finished stages reused.
 
 sample_data and compare run in this process; the trainings and evaluations run on the chosen
-executor (pipeline.executors): here one after another, or side by side as Ray tasks.
+executor (pipeline.executors): here one after another, or side by side as Ray tasks. With
+`seeds: auto` a second batch of trainings follows the first, as many per config as Stein's
+two-stage procedure asks for (pipeline.auto_seeds).
 
 A stage is reused when a FINISHED run in this experiment has the same cache key: the stage,
 its parameters, the run ids it consumes and the source of the code it runs (see
@@ -20,7 +22,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run
 
-from pipeline import ray_cluster, registry, stage_keys, tracking
+from pipeline import auto_seeds, ray_cluster, registry, stage_keys, tracking
 from pipeline.checkpoint_store import has_checkpoint
 from pipeline.cli import stage_params
 from pipeline.config import load_study
@@ -105,7 +107,8 @@ class Ledger:
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "main", params) as parent:
         study = load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
-                           params["registered_model_name"])
+                           params["registered_model_name"], params["half_width_pp"],
+                           params["max_seeds"], params["equivalence_margin_pp"])
         executor = make_executor(params, parent.info.experiment_id)
         mlflow.set_tag("mlflow.runName", f"main-{study.name}")
         tracking.log_params_once({
@@ -140,13 +143,22 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
     # Consumers log the sampling that made their sample, as they would when run alone.
     sampling = {"data_dir": data["data_dir"], "samples_per_class": data["samples_per_class"],
                 "sampling": data["sampling"], "sampling_seed": data["seed"]}
-    fits = [stage_params("train", {**study.train, "config": config, "seed": seed,
-                                   "data_run_id": data_run, **sampling})
-            for config in study.configs for seed in study.seeds]
-    train_runs = ledger.steps("train", [
-        (stage_keys.train_run_name(fit),
-         stage_keys.train_key(fit, data_run, executor.machine(fit["device"])), fit)
-        for fit in fits], executor, parent_run_id)
+
+    def train(pairs: list[tuple[str, int]]) -> tuple[list[dict], list[str]]:
+        fits = [stage_params("train", {**study.train, "config": config, "seed": seed,
+                                       "data_run_id": data_run, **sampling})
+                for config, seed in pairs]
+        return fits, ledger.steps("train", [
+            (stage_keys.train_run_name(fit),
+             stage_keys.train_key(fit, data_run, executor.machine(fit["device"])), fit)
+            for fit in fits], executor, parent_run_id)
+
+    fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
+    analysis = {"equivalence_margin_pp": study.equivalence_margin_pp}
+    if study.auto:
+        train_runs += train(auto_seeds.second_stage(study, fits, train_runs))[1]
+        analysis.update(first_stage_seeds=",".join(map(str, study.seeds)),
+                        target_half_width_pp=study.auto.half_width_pp)
     mlflow.set_tag(tracking.TRAIN_RUNS_TAG, ",".join(train_runs))
 
     scorings = [stage_params("evaluate", {"model_uri": f"runs:/{train_run}/model",
@@ -159,7 +171,7 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
 
     comparing = stage_params("compare", {
         "run_ids": ",".join(train_runs),
-        "registered_model_name": study.registered_model_name,
+        "registered_model_name": study.registered_model_name, **analysis,
     })
     ledger.step("compare", "compare", stage_keys.compare_key(comparing, train_runs),
                 lambda: STAGES["compare"](comparing), on_reuse=registry.restore_registration)
