@@ -103,8 +103,31 @@ def _monitor_system(run_id: str, resumed: bool):
     that a failing or interrupted run need not wait for it (see _stop_monitor)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    class EndsSampledMonitor(SystemMetricsMonitor):
+        """Also one sample as the run starts and one as it ends: MLflow's own loop logs only
+        after a full interval, so a run shorter than that would record none at all."""
+
+        def start(self):
+            self._sample_now()
+            super().start()
+
+        def finish(self):
+            if self._process is None:
+                return
+            self._shutdown_event.set()
+            self._process.join()
+            self._sample_now()
+            super().finish()  # flushes what was recorded
+
+        def _sample_now(self):
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+            except Exception as err:  # noqa: BLE001 - system metrics never stop a run
+                logging.getLogger(__name__).warning(f"system metrics not sampled: {err}")
+
     sample_system_metrics()
-    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed)
+    monitor = EndsSampledMonitor(run_id, resume_logging=resumed)
     monitor.start()
     return monitor
 
