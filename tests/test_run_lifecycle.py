@@ -3,11 +3,16 @@ stop signal comes at the very end."""
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import mlflow
-from conftest import train_overrides
+import pytest
+from conftest import runs_in, train_overrides
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import interrupts, tracking
 from pipeline.cli import stage_params
 from pipeline.stages import train
 
@@ -26,3 +31,45 @@ def test_a_run_shorter_than_the_sampling_interval_records_system_metrics(
     for name in SYSTEM_METRICS:
         steps = [m.step for m in MlflowClient().get_metric_history(run_id, name)]
         assert sorted(steps) == [0, 1], (name, steps)
+
+
+SUMMARY = ("final_test_accuracy", "best_test_accuracy", "best_epoch", "train_time_s")
+
+
+def logged_models(run) -> list:
+    return [m for m in mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")]
+
+
+def test_a_stop_at_the_very_end_is_resumed_without_logging_anything_twice(
+    experiment, sample_run, monkeypatch
+):
+    """SIGTERM arrives once the model is logged (during the final checkpoint upload): the run
+    ends KILLED with all its work done; the resume finishes it and logs nothing again."""
+    log_model = train.log_model
+
+    def log_model_then_stopped(*args):
+        log_model(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises here, long before this is over
+
+    monkeypatch.setattr(train, "log_model", log_model_then_stopped)
+    params = stage_params("train", train_overrides(sample_run, epochs=2, log_model=True))
+    with interrupts.installed(), pytest.raises(interrupts.Interrupted):
+        train.run(params)
+    [run] = runs_in(experiment, "train")
+    assert run.info.status == "KILLED"
+    assert len(logged_models(run)) == 1
+    model_uri = run.data.tags[tracking.MODEL_URI_TAG]
+    monkeypatch.setattr(train, "log_model", log_model)
+
+    assert train.run({**params, "resume_run_id": run.info.run_id}) == run.info.run_id
+    after = mlflow.get_run(run.info.run_id)
+    assert after.info.status == "FINISHED"
+    client = MlflowClient()
+    for name in SUMMARY:
+        assert len(client.get_metric_history(run.info.run_id, name)) == 1, name
+    assert after.data.metrics["train_time_s"] == run.data.metrics["train_time_s"]
+    assert len(logged_models(after)) == 1, "the model was logged a second time"
+    assert after.data.tags[tracking.MODEL_URI_TAG] == model_uri

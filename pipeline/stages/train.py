@@ -53,10 +53,19 @@ class ResumePoint:
     checkpoint: dict
     source: str  # where the checkpoint was read from
     logged: dict[str, dict[int, float]]  # the points the run already holds, metric -> step -> value
+    # What the run's end already logged when a stop came after it (see ResumePoint.to_log):
+    summary: dict[str, float]
+    model_uri: str | None
 
     @property
     def epochs_done(self) -> int:
         return self.checkpoint["epochs_done"]
+
+    def to_log(self, summary: dict[str, float]) -> dict[str, float]:
+        """The summary metrics the run lacks. A run stopped after its end was logged (during
+        the final checkpoint upload, say) holds them already; a second point would make
+        `final_test_accuracy` a two-point history."""
+        return {name: value for name, value in summary.items() if name not in self.summary}
 
 
 def checkpoint_meta(params: dict, config, sample_run_id: str) -> dict:
@@ -93,7 +102,8 @@ def prepare_resume(params: dict) -> ResumePoint:
     client = mlflow.MlflowClient()
     logged = {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
               for name in METRIC_NAMES}
-    return ResumePoint(run_id, checkpoint, source, logged)
+    return ResumePoint(run_id, checkpoint, source, logged, dict(run.data.metrics),
+                       run.data.tags.get(tracking.MODEL_URI_TAG))
 
 
 def run(params: dict) -> str:
@@ -166,8 +176,10 @@ def run(params: dict) -> str:
             summary["train_time_s"] = earlier + time.perf_counter() - started
             writer.flush()
             _log_history(history, config.name)
-            mlflow.log_metrics(summary)
-            if params["log_model"]:
+            mlflow.log_metrics(resume.to_log(summary) if resume else summary)
+            if params["log_model"] and resume and resume.model_uri:
+                print(f"model already logged before the stop: {resume.model_uri}")
+            elif params["log_model"]:
                 log_model(model.cpu(), sample.test.features()[:5])
         except interrupts.Interrupted:
             # Seconds, not minutes: what is not written by then is in the local checkpoint.
