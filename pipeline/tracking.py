@@ -141,6 +141,31 @@ def _stop_monitor(monitor, wait: bool) -> None:
         threading.Thread(target=monitor.finish, daemon=True, name="system-metrics-stop").start()
 
 
+# On the way out after a stop signal each request to the tracking server gets this long, once:
+# against a hung server MLflow's defaults (120 s a try, 7 retries) would hold the exit for
+# many minutes.
+STOPPING_REQUEST_TIMEOUT_S = 2
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(STOPPING_REQUEST_TIMEOUT_S),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+@contextmanager
+def hurried() -> Iterator[None]:
+    """Tracking requests made inside the block give up after STOPPING_REQUEST_TIMEOUT_S, with
+    no retry (MLflow reads these variables on every request). For what a stopped stage still
+    writes: a server that does not answer at once gets nothing, the process exits in seconds."""
+    previous = {name: os.environ.get(name) for name in _HTTP_LIMITS}
+    os.environ.update(_HTTP_LIMITS)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
               resume_run_id: str = "", system_metrics: bool = False) -> Iterator:
@@ -178,7 +203,9 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     except Interrupted as stop:
         status = "KILLED"
         stop.record(stage, run.info.run_id)
-        _best_effort(mlflow.set_tag, INTERRUPTED_TAG, f"{stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        with hurried():
+            _best_effort(mlflow.set_tag, INTERRUPTED_TAG,
+                         f"{stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
         raise
     except Exception as err:
         status = "FAILED"
@@ -193,6 +220,9 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
             _stop_monitor(monitor, wait=status == "FINISHED")
         if status == "FINISHED":
             mlflow.end_run(status)
+        elif status == "KILLED":
+            with hurried():
+                _best_effort(mlflow.end_run, status)
         else:  # an unreachable store must not hide why the run stopped
             _best_effort(mlflow.end_run, status)
 

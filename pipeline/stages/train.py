@@ -182,10 +182,12 @@ def run(params: dict) -> str:
             elif params["log_model"]:
                 log_model(model.cpu(), sample.test.features()[:5])
         except interrupts.Interrupted:
-            # Seconds, not minutes: what is not written by then is in the local checkpoint.
+            # Seconds, not minutes: what is not written by then is in the local checkpoint
+            # (and its history in the checkpoint); the figures wait for the resume.
             _best_effort_flush(writer, STOP_WAIT_S)
             store.close(timeout=STOP_WAIT_S)
-            _keep_history(history, config.name)
+            with tracking.hurried():
+                _keep_history(history, config.name, figures=False)
             raise
         except BaseException:
             # A FAILED run can be resumed too (main does). A store that already refused
@@ -238,20 +240,23 @@ def _log_epoch(writer: MetricWriter, record: dict, epochs: int, history: list[di
     )
 
 
-def _keep_history(history: list[dict], name: str) -> None:
+def _keep_history(history: list[dict], name: str, figures: bool = True) -> None:
     """Even a diverged or interrupted run keeps the epochs it finished, if the store lets it:
     the reason the run stopped matters more than a failure to write its figures."""
     try:
-        _log_history(history, name)
+        _log_history(history, name, figures)
     except Exception as err:  # noqa: BLE001
-        print(f"warning: could not log history.csv and the figures: {err}", file=sys.stderr)
+        print(f"warning: could not log history.csv{' and the figures' if figures else ''}: "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
 
 
-def _log_history(history: list[dict], name: str) -> None:
+def _log_history(history: list[dict], name: str, figures: bool = True) -> None:
     if not history:
         return
     frame = pd.DataFrame(history)
     mlflow.log_text(frame.to_csv(index=False), "history.csv")
+    if not figures:
+        return
     for metric, title in (("accuracy", "Accuracy"), ("loss", "Loss")):
         fig = plots.learning_curve(frame, metric, f"{name}: training and test {title.lower()} vs. epoch")
         mlflow.log_figure(fig, f"{metric}.png")
