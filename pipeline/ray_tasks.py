@@ -52,11 +52,18 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
                     if run.info.status != "FINISHED"), None)
     resumed = ""
     if earlier is not None and stage == "train" and has_checkpoint(earlier.info.run_id):
-        resumed = earlier.info.run_id
-        params = {**params, "resume_run_id": resumed}
-        print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)
+        # A retry may land on a node whose numerics differ; train refuses to resume there.
+        other = _other_numerics(earlier, params)
+        if other:
+            _end_abandoned(earlier.info.run_id, f"its Ray worker died; the retry ran where the "
+                                                f"numerics differ ({other}), as a new run")
+        else:
+            resumed = earlier.info.run_id
+            params = {**params, "resume_run_id": resumed}
+            print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)
     elif earlier is not None:
-        _end_abandoned(earlier.info.run_id)
+        _end_abandoned(earlier.info.run_id, "its Ray worker died before the first checkpoint; "
+                                            "the task was retried as a new run")
     outcome = {"run_id": None, "error": None, "interrupted": False, "resumed": resumed}
     try:
         with interrupts.installed(), tracking.nested_under(parent_run_id, tags):
@@ -71,13 +78,20 @@ def run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     return outcome
 
 
-def _end_abandoned(run_id: str) -> None:
-    """A run whose worker died before its first checkpoint: nothing to go on from."""
+def _other_numerics(run, params: dict) -> str:
+    """How the machine `run` was trained on differs from this worker's ('' when it does not)."""
+    from pipeline.machine import resolve_device
+    from pipeline.stages.train import numerics_differences
+
+    return "; ".join(numerics_differences(run.data.params, resolve_device(params["device"])))
+
+
+def _end_abandoned(run_id: str, reason: str) -> None:
+    """A run whose worker died and that this retry cannot go on with."""
     import mlflow
 
     from pipeline import tracking
 
     client = mlflow.MlflowClient()
-    client.set_tag(run_id, tracking.ERROR_TAG, "its Ray worker died before the first "
-                                               "checkpoint; the task was retried as a new run")
+    client.set_tag(run_id, tracking.ERROR_TAG, reason)
     client.set_terminated(run_id, "FAILED")

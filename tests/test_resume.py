@@ -324,6 +324,32 @@ def test_resuming_a_run_that_does_not_exist(capsys, experiment, sample_run):
     assert "does not exist" in error
 
 
+def test_resuming_with_other_torch_threads_is_refused(capsys, experiment, sample_run,
+                                                      interrupted_run, monkeypatch):
+    """Two threads sum in another order than one: the rest of the run would not match its
+    first epochs bit for bit, and its params (torch_threads 1) would no longer say how it was
+    trained. Refused with one line naming both; the run is left as it was."""
+    before = snapshot(interrupted_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    error = cli_resume(capsys, interrupted_run, sample_run, experiment, epochs=2, batch_size=16)
+    assert (f"run {interrupted_run} was trained with other numerics than this machine's "
+            f"(run vs here): torch_threads 1 vs 2") in error
+    assert "OMP_NUM_THREADS" in error and "leave resume_run_id empty" in error
+    assert snapshot(interrupted_run) == before
+
+
+def test_a_ray_retry_resumes_only_where_the_numerics_match(interrupted_run, monkeypatch):
+    """A Ray retry may land on another node: it goes on with the dead attempt's run only where
+    train would accept the resume, else it ends that run FAILED and trains a new one."""
+    from pipeline import ray_tasks
+
+    run = mlflow.get_run(interrupted_run)
+    params = stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16})
+    assert ray_tasks._other_numerics(run, params) == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ray_tasks._other_numerics(run, params) == "torch_threads 1 vs 2"
+
+
 def test_a_resumed_interrupted_run_finishes(experiment, sample_run, interrupted_run):
     # Its checkpoint covers both epochs: resuming only logs the summary and finishes.
     resume(interrupted_run, sample_run, epochs=2, batch_size=16)

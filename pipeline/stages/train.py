@@ -76,6 +76,20 @@ def checkpoint_meta(params: dict, config, sample_run_id: str) -> dict:
     }
 
 
+class OtherNumerics(PipelineError):
+    """The run to resume was trained where a training's bits come out otherwise."""
+
+
+def numerics_differences(run_params: dict[str, str], device: str) -> list[str]:
+    """'name run-value vs this-value' for each machine value (the cache key's numerics, and
+    the device) the run was trained with that differs here."""
+    here = {"torch_device": device, **numerics(device)}
+    names = [n for n in here if n in run_params] + \
+        [n for n in run_params if n == "gpu" and n not in here]
+    return [f"{name} {run_params[name]} vs {tracking.format_param(here.get(name, 'none'))}"
+            for name in names if run_params[name] != tracking.format_param(here.get(name, ""))]
+
+
 def prepare_resume(params: dict) -> ResumePoint:
     """Check everything about resuming `resume_run_id` before the run is touched."""
     run_id = params["resume_run_id"]
@@ -89,7 +103,16 @@ def prepare_resume(params: dict) -> ResumePoint:
                             f"(its model is runs:/{run_id}/{MODEL_ARTIFACT})")
     checkpoint, source = fetch_checkpoint(run_id)
     config = load_model_config(params["config"])
-    stage_keys.train_settings(params)
+    settings = stage_keys.train_settings(params)
+    other_numerics = numerics_differences(run.data.params, settings.device)
+    if other_numerics:
+        raise OtherNumerics(
+            f"resume_run_id: run {run_id} was trained with other numerics than this machine's "
+            f"(run vs here): {'; '.join(other_numerics)}; its remaining epochs would not match "
+            f"its first ones bit for bit. Resume it where these match (the same "
+            f"OMP_NUM_THREADS, device and torch, a processor of the same model), or leave "
+            f"resume_run_id empty (main: force=true) to start a new run"
+        )
     sample_run_id = params["data_run_id"] or run.data.params.get("sample_run_id", "")
     expected = checkpoint_meta(params, config, sample_run_id)
     differences = meta_differences(checkpoint["meta"].get("params", {}), expected)
