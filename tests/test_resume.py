@@ -143,23 +143,30 @@ def test_a_run_killed_with_sigkill_stays_running_and_resumes_explicitly(
 
 
 def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
-    experiment, sample_run, reference, monkeypatch, capsys
+    tracking_store, sample_run, tmp_path, capsys
 ):
-    """The artifact store refuses uploads: the run fails, the local checkpoint remains."""
-    def refuse(self, *args, **kwargs):
-        raise OSError("artifact store unreachable")
-
-    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refuse)
-    monkeypatch.setattr(mlflow.MlflowClient, "log_text", refuse)
+    """The artifact store refuses every upload (its folder cannot be made: a file sits where
+    it should be): the checkpoint upload fails, then the run fails on its artifacts; the local
+    checkpoint remains. Once the store takes uploads again, the resume goes on from it."""
+    blocked = tmp_path / "artifact-store"
+    blocked.write_text("a file where the artifact store's folder should be")
+    experiment_id = mlflow.create_experiment("refused-uploads",
+                                             artifact_location=str(blocked / "artifacts"))
+    mlflow.set_experiment(experiment_id=experiment_id)
     params = stage_params("train", {**SETTINGS, "epochs": 3, "batch_size": 16,
                                     "data_run_id": sample_run.run_id})
-    with pytest.raises(Exception):
+    with pytest.raises(NotADirectoryError, match=str(blocked)):
         train.run(params)
-    [run] = runs_in(experiment, "train")
+    [run] = mlflow.search_runs([experiment_id], output_format="list")
+    assert run.info.status == "FAILED"
+    assert "NotADirectoryError" in run.data.tags["pipeline.error"]
     local = checkpoint_store.local_dir(run.info.run_id) / checkpoint_store.FILE_NAME
     assert local.is_file()
-    assert "kept at" in capsys.readouterr().err
-    monkeypatch.undo()
+    refused = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("checkpoint of epoch 3 not uploaded: ")]
+    assert len(refused) == 1 and str(blocked) in refused[0] and f"kept at {local}" in refused[0]
+
+    blocked.unlink()  # the store takes uploads again
     resume(run.info.run_id, sample_run, epochs=3, batch_size=16)
     assert f"({local})" in capsys.readouterr().out
     assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
