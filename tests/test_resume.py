@@ -4,12 +4,14 @@ SIGTERM or SIGKILL) and resumed ends with exactly the metrics of an uninterrupte
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
 import mlflow
 import pandas as pd
 import pytest
 from conftest import (
+    REPO_ROOT,
     SampleRun,
     create_experiment,
     runs_in,
@@ -23,7 +25,6 @@ from pipeline import checkpoint_store
 from pipeline.cli import main as cli_main
 from pipeline.cli import stage_params
 from pipeline.errors import PipelineError
-from pipeline.executors import Outcome
 from pipeline.stages import main, train
 from pipeline.training import METRIC_NAMES
 
@@ -208,37 +209,45 @@ def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store,
     assert_same_training(train_run.info.run_id, reference)
 
 
-def killed_run_with_checkpoint(experiment, key: str, tmp_path) -> str:
-    """A KILLED run with this cache key and a checkpoint artifact (its content is not read)."""
-    client = MlflowClient()
-    run_id = client.create_run(experiment.id, tags={"pipeline.cache_key": key}).info.run_id
-    fake = tmp_path / checkpoint_store.FILE_NAME
-    fake.write_bytes(b"checkpoint")
-    client.log_artifact(run_id, str(fake), checkpoint_store.ARTIFACT_DIR)
-    client.set_terminated(run_id, "KILLED")
-    return run_id
+def test_main_resumes_a_killed_run_unless_forced(tracking_store, sample_run, tmp_path, reference):
+    """Real processes throughout: `main` SIGTERMed mid-training, `main force=true` (which must
+    start over rather than go on with the KILLED run), then a plain `main`, which resumes."""
+    experiment = create_experiment(tracking_store, "main-resume-or-force")
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: resumable\nconfigs: [mlp4]\nseeds: [0]\n"
+        "sample: {samples_per_class: 12, download: false}\n"
+        f"train: {{epochs: {EPOCHS}, batch_size: 2, device: cpu}}\n"
+    )
+    command = [sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
+               "--study", str(study), "--data_dir", str(sample_run.data.root)]
 
+    def main_killed_at_epoch_3(*extra: str) -> str:
+        stage = Stage([*command, *extra], one_thread_env(tracking_store))
+        try:
+            stage.wait_for("epoch   3/")
+            assert stage.signal(signal.SIGTERM)[0] == 143
+        finally:
+            stage.stop()
+        return stage.lines[-1].split("train run ")[1].split()[0]
 
-class RecordingExecutor:
-    """Runs nothing: records the jobs main hands over and answers with a run id for each."""
+    mlflow.set_experiment(experiment.name)
+    first = main_killed_at_epoch_3()
+    assert mlflow.get_run(first).info.status == "KILLED"
+    first_before = snapshot(first)
 
-    def __init__(self):
-        self.jobs = []
+    forced = main_killed_at_epoch_3("--force", "true")
+    assert forced != first, "force=true went on with the KILLED run"
+    assert snapshot(first) == first_before
 
-    def run(self, jobs, parent_run_id):
-        self.jobs += jobs
-        return [Outcome(job, job.params.get("resume_run_id") or "new", 0.0,
-                        job.params.get("resume_run_id", "")) for job in jobs]
-
-
-def test_main_resumes_a_killed_run_unless_forced(experiment, tmp_path):
-    run_id = killed_run_with_checkpoint(experiment, "key-1", tmp_path)
-    handed = []
-    for force, key in ((False, "key-1"), (True, "key-1"), (False, "key-2")):
-        executor = RecordingExecutor()
-        [got] = main.Ledger(force=force).steps("train", [("t", key, {"seed": 0})], executor, "")
-        handed.append((got, executor.jobs[0].params.get("resume_run_id")))
-    assert handed == [(run_id, run_id), ("new", None), ("new", None)]
+    resumed = subprocess.run(command, cwd=REPO_ROOT, env=one_thread_env(tracking_store),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming KILLED run {forced} from its last checkpoint" in resumed.stdout
+    assert mlflow.get_run(forced).info.status == "FINISHED"
+    assert_same_training(forced, reference)
+    assert snapshot(first) == first_before
+    assert {r.info.run_id for r in runs_in(experiment, "train")} == {first, forced}
 
 
 def test_checkpoint_every_0_writes_no_checkpoint(experiment, sample_run):
