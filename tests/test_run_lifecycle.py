@@ -42,19 +42,35 @@ def logged_models(run) -> list:
         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")]
 
 
-def test_a_stop_at_the_very_end_is_resumed_without_logging_anything_twice(
-    experiment, sample_run, monkeypatch
-):
-    """SIGTERM arrives once the model is logged (during the final checkpoint upload): the run
-    ends KILLED with all its work done; the resume finishes it and logs nothing again."""
-    log_model = train.log_model
-
-    def log_model_then_stopped(*args):
-        log_model(*args)
+def stopped_after(function):
+    """`function`, which once it has run sends this process a real SIGTERM."""
+    def then_stopped(*args, **kwargs):
+        result = function(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises here, long before this is over
+        return result
+    return then_stopped
 
-    monkeypatch.setattr(train, "log_model", log_model_then_stopped)
+
+def upload_then_stopped(close):
+    """CheckpointStore.close, stopped by SIGTERM as it sets out to upload the final checkpoint."""
+    def closing(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return close(self, *args, **kwargs)
+    return closing
+
+
+@pytest.mark.parametrize("moment", ["after log_model", "as the final checkpoint upload starts"])
+def test_a_stop_at_the_very_end_is_resumed_without_logging_anything_twice(
+    experiment, sample_run, monkeypatch, moment
+):
+    """SIGTERM arrives once the model is logged: the run ends KILLED with all its work done;
+    the resume finishes it and logs nothing again."""
+    log_model, close = train.log_model, train.CheckpointStore.close
+    if moment == "after log_model":
+        monkeypatch.setattr(train, "log_model", stopped_after(log_model))
+    else:
+        monkeypatch.setattr(train.CheckpointStore, "close", upload_then_stopped(close))
     params = stage_params("train", train_overrides(sample_run, epochs=2, log_model=True))
     with interrupts.installed(), pytest.raises(interrupts.Interrupted):
         train.run(params)
@@ -63,6 +79,7 @@ def test_a_stop_at_the_very_end_is_resumed_without_logging_anything_twice(
     assert len(logged_models(run)) == 1
     model_uri = run.data.tags[tracking.MODEL_URI_TAG]
     monkeypatch.setattr(train, "log_model", log_model)
+    monkeypatch.setattr(train.CheckpointStore, "close", close)
 
     assert train.run({**params, "resume_run_id": run.info.run_id}) == run.info.run_id
     after = mlflow.get_run(run.info.run_id)
