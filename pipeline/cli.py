@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
 def interrupted_message(stage: str, stop: interrupts.Interrupted) -> str:
     """One line: what was stopped, and the command that picks the work up again."""
     ended = f"{stop.stage} run {stop.run_id} ended KILLED" if stop.run_id else "no run started"
+    if stop.run_id in stop.unmarked:
+        ended = (f"{stop.stage} run {stop.run_id} stopped, but the tracking server did not "
+                 f"answer, so it still shows RUNNING")
     if stage == "main":
         how = ("run the same command again: finished stages are reused and an interrupted "
                "training resumes from its last checkpoint")

@@ -148,4 +148,6 @@ def test_a_stop_signal_ends_the_stage_within_seconds_against_a_hung_server(
     assert code == 143, "\n".join(stage.lines[-20:])
     assert seconds < 30, f"{seconds:.0f} s from SIGTERM to exit"
     assert stage.lines[-1].startswith("interrupted by SIGTERM: train run ")
+    assert "the tracking server did not answer, so it still shows RUNNING" in stage.lines[-1]
+    assert "--resume_run_id" in stage.lines[-1]
     assert any("kept at" in line for line in stage.lines), "\n".join(stage.lines[-20:])
