@@ -122,6 +122,9 @@ def quiet_progress_bars_off_a_terminal() -> None:
 def interrupted_message(stage: str, stop: interrupts.Interrupted) -> str:
     """One line: what was stopped, and the command that picks the work up again."""
     ended = f"{stop.stage} run {stop.run_id} ended KILLED" if stop.run_id else "no run started"
+    if stop.run_id in stop.unmarked:
+        ended = (f"{stop.stage} run {stop.run_id} stopped, but the tracking server did not "
+                 f"answer, so it still shows RUNNING")
     if stage == "main":
         how = ("run the same command again: finished stages are reused and an interrupted "
                "training resumes from its last checkpoint")

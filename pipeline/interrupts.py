@@ -28,6 +28,7 @@ class Interrupted(BaseException):
         self.signum = signum
         self.run_id: str | None = None  # the innermost stage run it ended, set on the way out
         self.stage: str | None = None
+        self.unmarked: set[str] = set()  # runs the tracking server could not be told ended
 
     def record(self, stage: str, run_id: str) -> None:
         """Remember the innermost run the signal ended (the first one to see it)."""

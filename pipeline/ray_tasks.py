@@ -68,10 +68,16 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     except PipelineError as err:  # unknown: neither resumed nor started over; the driver says so
         return {"run_id": earlier.info.run_id, "error": str(err), "interrupted": False,
                 "resumed": "", "seconds": round(time.perf_counter() - started, 2)}
-    if resumable:
+    # A retry may land on a node whose numerics differ; train refuses to resume there.
+    other = _other_numerics(earlier, params) if resumable else ""
+    if resumable and not other:
         resumed = earlier.info.run_id
         params = {**params, "resume_run_id": resumed}
         print(f"worker lost: resuming run {resumed} from its last checkpoint", flush=True)
+    elif resumable:
+        ray_cluster.end_orphaned_runs([earlier.info.run_id], "FAILED",
+                                      f"its Ray worker died; the retry ran where the numerics "
+                                      f"differ ({other}), as a new run")
     elif earlier is not None:
         # A worker that died before the first checkpoint: nothing to go on from.
         ray_cluster.end_orphaned_runs([earlier.info.run_id], "FAILED",
@@ -89,3 +95,12 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
                        error=tracking.error_message(err).splitlines()[0])
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     return outcome
+
+
+def _other_numerics(run, params: dict) -> str:
+    """How the machine `run` was trained on differs from this worker's ('' when it does not)."""
+    from pipeline.machine import resolve_device
+    from pipeline.stages.train import numerics_differences
+
+    return "; ".join(numerics_differences(run.data.params, resolve_device(params["device"])))
+

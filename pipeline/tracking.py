@@ -103,19 +103,91 @@ def _monitor_system(run_id: str, resumed: bool):
     that a failing or interrupted run need not wait for it (see _stop_monitor)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    class EndsSampledMonitor(SystemMetricsMonitor):
+        """Also one sample as the run starts and one as it ends: MLflow's own loop logs only
+        after a full interval, so a run shorter than that would record none at all."""
+
+        def start(self):
+            self._sample_now()
+            super().start()
+
+        def finish(self, sample_end: bool = True):
+            if self._process is None:
+                return
+            self._shutdown_event.set()
+            self._process.join()
+            if sample_end:
+                self._sample_now()
+            super().finish()  # flushes what was recorded
+
+        def _sample_now(self):
+            try:
+                self.collect_metrics()
+                self.publish_metrics(self.aggregate_metrics())
+            except Exception as err:  # noqa: BLE001 - system metrics never stop a run
+                logging.getLogger(__name__).warning(
+                    f"system metrics not sampled: {str(err).splitlines()[0][:200]}")
+
     sample_system_metrics()
-    monitor = SystemMetricsMonitor(run_id, resume_logging=resumed)
+    monitor = EndsSampledMonitor(run_id, resume_logging=resumed)
     monitor.start()
     return monitor
 
 
+class _QuietThreads(logging.Filter):
+    """Drops the records of the threads in `idents`."""
+
+    def __init__(self):
+        super().__init__()
+        self.idents: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread not in self.idents
+
+
+_abandoned_samplers = _QuietThreads()
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").addFilter(_abandoned_samplers)
+
+
 def _stop_monitor(monitor, wait: bool) -> None:
-    """Stop sampling. A run that failed or was stopped does not wait: the sampler may be inside
-    a tracking call retrying against a server that is gone, for minutes."""
+    """Stop sampling. A run that failed or was stopped does not wait, nor take an end sample:
+    the sampler may be inside a tracking call retrying against a server that is gone, for
+    minutes, and the process is on its way out. What that sampler says then (its requests
+    failing) would come after the line that tells the user how to go on: it is dropped."""
     if wait:
         monitor.finish()
-    else:
-        threading.Thread(target=monitor.finish, daemon=True, name="system-metrics-stop").start()
+        return
+    if monitor._process is not None:
+        _abandoned_samplers.idents.add(monitor._process.ident)
+    stopping = threading.Thread(target=monitor.finish, kwargs={"sample_end": False},
+                                daemon=True, name="system-metrics-stop")
+    stopping.start()
+    _abandoned_samplers.idents.add(stopping.ident)
+
+
+# On the way out after a stop signal each request to the tracking server gets this long, once:
+# against a hung server MLflow's defaults (120 s a try, 7 retries) would hold the exit for
+# many minutes.
+STOPPING_REQUEST_TIMEOUT_S = 2
+_HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(STOPPING_REQUEST_TIMEOUT_S),
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+
+
+@contextmanager
+def hurried() -> Iterator[None]:
+    """Tracking requests made inside the block give up after STOPPING_REQUEST_TIMEOUT_S, with
+    no retry (MLflow reads these variables on every request). For what a stopped stage still
+    writes: a server that does not answer at once gets nothing, the process exits in seconds."""
+    previous = {name: os.environ.get(name) for name in _HTTP_LIMITS}
+    os.environ.update(_HTTP_LIMITS)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -143,6 +215,7 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
     tags = {**(getattr(_task_parent, "tags", None) or {}), **(tags or {})}
     monitor = None
     status = "FINISHED"
+    stopped: Interrupted | None = None
     try:
         if system_metrics:
             monitor = _monitor_system(run.info.run_id, bool(resume_run_id))
@@ -153,9 +226,11 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
         log_params_once(params)
         yield run
     except Interrupted as stop:
-        status = "KILLED"
+        status, stopped = "KILLED", stop
         stop.record(stage, run.info.run_id)
-        _best_effort(mlflow.set_tag, INTERRUPTED_TAG, f"{stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        with hurried():
+            _best_effort(mlflow.set_tag, INTERRUPTED_TAG,
+                         f"{stop} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
         raise
     except Exception as err:
         status = "FAILED"
@@ -170,6 +245,10 @@ def stage_run(stage: str, run_name: str, params: dict, tags: dict | None = None,
             _stop_monitor(monitor, wait=status == "FINISHED")
         if status == "FINISHED":
             mlflow.end_run(status)
+        elif status == "KILLED":
+            with hurried():
+                if not _best_effort(mlflow.end_run, status):
+                    stopped.unmarked.add(run.info.run_id)
         else:  # an unreachable store must not hide why the run stopped
             _best_effort(mlflow.end_run, status)
 
@@ -193,12 +272,14 @@ def _forget_last_ending(run) -> None:
             client.delete_tag(run.info.run_id, tag)
 
 
-def _best_effort(call, *args) -> None:
-    """Recording why a run ended must not hide the reason itself (e.g. a server gone away)."""
+def _best_effort(call, *args) -> bool:
+    """Recording why a run ended must not hide the reason itself (e.g. a server gone away).
+    False when the call failed."""
     try:
         call(*args)
     except Exception:  # noqa: BLE001 - the original exception is what the user needs
-        pass
+        return False
+    return True
 
 
 def error_message(err: BaseException) -> str:

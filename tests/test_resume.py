@@ -4,12 +4,14 @@ SIGTERM or SIGKILL) and resumed ends with exactly the metrics of an uninterrupte
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
 import mlflow
 import pandas as pd
 import pytest
 from conftest import (
+    REPO_ROOT,
     SampleRun,
     create_experiment,
     runs_in,
@@ -23,7 +25,6 @@ from pipeline import checkpoint_store
 from pipeline.cli import main as cli_main
 from pipeline.cli import stage_params
 from pipeline.errors import PipelineError
-from pipeline.executors import Outcome
 from pipeline.stages import main, train
 from pipeline.training import METRIC_NAMES
 
@@ -143,23 +144,30 @@ def test_a_run_killed_with_sigkill_stays_running_and_resumes_explicitly(
 
 
 def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
-    experiment, sample_run, reference, monkeypatch, capsys
+    tracking_store, sample_run, tmp_path, capsys
 ):
-    """The artifact store refuses uploads: the run fails, the local checkpoint remains."""
-    def refuse(self, *args, **kwargs):
-        raise OSError("artifact store unreachable")
-
-    monkeypatch.setattr(mlflow.MlflowClient, "log_artifact", refuse)
-    monkeypatch.setattr(mlflow.MlflowClient, "log_text", refuse)
+    """The artifact store refuses every upload (its folder cannot be made: a file sits where
+    it should be): the checkpoint upload fails, then the run fails on its artifacts; the local
+    checkpoint remains. Once the store takes uploads again, the resume goes on from it."""
+    blocked = tmp_path / "artifact-store"
+    blocked.write_text("a file where the artifact store's folder should be")
+    experiment_id = mlflow.create_experiment("refused-uploads",
+                                             artifact_location=str(blocked / "artifacts"))
+    mlflow.set_experiment(experiment_id=experiment_id)
     params = stage_params("train", {**SETTINGS, "epochs": 3, "batch_size": 16,
                                     "data_run_id": sample_run.run_id})
-    with pytest.raises(Exception):
+    with pytest.raises(NotADirectoryError, match=str(blocked)):
         train.run(params)
-    [run] = runs_in(experiment, "train")
+    [run] = mlflow.search_runs([experiment_id], output_format="list")
+    assert run.info.status == "FAILED"
+    assert "NotADirectoryError" in run.data.tags["pipeline.error"]
     local = checkpoint_store.local_dir(run.info.run_id) / checkpoint_store.FILE_NAME
     assert local.is_file()
-    assert "kept at" in capsys.readouterr().err
-    monkeypatch.undo()
+    refused = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("checkpoint of epoch 3 not uploaded: ")]
+    assert len(refused) == 1 and str(blocked) in refused[0] and f"kept at {local}" in refused[0]
+
+    blocked.unlink()  # the store takes uploads again
     resume(run.info.run_id, sample_run, epochs=3, batch_size=16)
     assert f"({local})" in capsys.readouterr().out
     assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
@@ -201,37 +209,45 @@ def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store,
     assert_same_training(train_run.info.run_id, reference)
 
 
-def killed_run_with_checkpoint(experiment, key: str, tmp_path) -> str:
-    """A KILLED run with this cache key and a checkpoint artifact (its content is not read)."""
-    client = MlflowClient()
-    run_id = client.create_run(experiment.id, tags={"pipeline.cache_key": key}).info.run_id
-    fake = tmp_path / checkpoint_store.FILE_NAME
-    fake.write_bytes(b"checkpoint")
-    client.log_artifact(run_id, str(fake), checkpoint_store.ARTIFACT_DIR)
-    client.set_terminated(run_id, "KILLED")
-    return run_id
+def test_main_resumes_a_killed_run_unless_forced(tracking_store, sample_run, tmp_path, reference):
+    """Real processes throughout: `main` SIGTERMed mid-training, `main force=true` (which must
+    start over rather than go on with the KILLED run), then a plain `main`, which resumes."""
+    experiment = create_experiment(tracking_store, "main-resume-or-force")
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        "name: resumable\nconfigs: [mlp4]\nseeds: [0]\n"
+        "sample: {samples_per_class: 12, download: false}\n"
+        f"train: {{epochs: {EPOCHS}, batch_size: 2, device: cpu}}\n"
+    )
+    command = [sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
+               "--study", str(study), "--data_dir", str(sample_run.data.root)]
 
+    def main_killed_at_epoch_3(*extra: str) -> str:
+        stage = Stage([*command, *extra], one_thread_env(tracking_store))
+        try:
+            stage.wait_for("epoch   3/")
+            assert stage.signal(signal.SIGTERM)[0] == 143
+        finally:
+            stage.stop()
+        return stage.lines[-1].split("train run ")[1].split()[0]
 
-class RecordingExecutor:
-    """Runs nothing: records the jobs main hands over and answers with a run id for each."""
+    mlflow.set_experiment(experiment.name)
+    first = main_killed_at_epoch_3()
+    assert mlflow.get_run(first).info.status == "KILLED"
+    first_before = snapshot(first)
 
-    def __init__(self):
-        self.jobs = []
+    forced = main_killed_at_epoch_3("--force", "true")
+    assert forced != first, "force=true went on with the KILLED run"
+    assert snapshot(first) == first_before
 
-    def run(self, jobs, parent_run_id):
-        self.jobs += jobs
-        return [Outcome(job, job.params.get("resume_run_id") or "new", 0.0,
-                        job.params.get("resume_run_id", "")) for job in jobs]
-
-
-def test_main_resumes_a_killed_run_unless_forced(experiment, tmp_path):
-    run_id = killed_run_with_checkpoint(experiment, "key-1", tmp_path)
-    handed = []
-    for force, key in ((False, "key-1"), (True, "key-1"), (False, "key-2")):
-        executor = RecordingExecutor()
-        [got] = main.Ledger(force=force).steps("train", [("t", key, {"seed": 0})], executor, "")
-        handed.append((got, executor.jobs[0].params.get("resume_run_id")))
-    assert handed == [(run_id, run_id), ("new", None), ("new", None)]
+    resumed = subprocess.run(command, cwd=REPO_ROOT, env=one_thread_env(tracking_store),
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming KILLED run {forced} from its last checkpoint" in resumed.stdout
+    assert mlflow.get_run(forced).info.status == "FINISHED"
+    assert_same_training(forced, reference)
+    assert snapshot(first) == first_before
+    assert {r.info.run_id for r in runs_in(experiment, "train")} == {first, forced}
 
 
 def test_checkpoint_every_0_writes_no_checkpoint(experiment, sample_run):
@@ -322,6 +338,50 @@ def test_resuming_from_a_corrupt_checkpoint(capsys, experiment, sample_run, inte
 def test_resuming_a_run_that_does_not_exist(capsys, experiment, sample_run):
     error = cli_resume(capsys, "0" * 32, sample_run, experiment)
     assert "does not exist" in error
+
+
+def test_resuming_with_other_torch_threads_is_refused(capsys, experiment, sample_run,
+                                                      interrupted_run, monkeypatch):
+    """Two threads sum in another order than one: the rest of the run would not match its
+    first epochs bit for bit, and its params (torch_threads 1) would no longer say how it was
+    trained. Refused with one line naming both; the run is left as it was."""
+    before = snapshot(interrupted_run)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    error = cli_resume(capsys, interrupted_run, sample_run, experiment, epochs=2, batch_size=16)
+    assert (f"run {interrupted_run} was trained with other numerics than this machine's "
+            f"(run vs here): torch_threads 1 vs 2") in error
+    assert "OMP_NUM_THREADS" in error and "leave resume_run_id empty" in error
+    assert snapshot(interrupted_run) == before
+
+
+def test_main_finds_a_run_to_resume_only_under_the_same_numerics(sample_run, interrupted_run,
+                                                                 monkeypatch):
+    """main looks for runs to resume by cache key, which holds the numerics: on two threads
+    it finds nothing to resume (and trains a new run), so it never meets the refusal above."""
+    from pipeline import stage_keys
+
+    run = mlflow.get_run(interrupted_run)
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    params = stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16,
+                                    "data_run_id": sample_run.run_id})
+    key = stage_keys.train_key(params, sample_run.run_id)
+    assert run.data.tags["pipeline.cache_key"] == key
+    assert main.Ledger(force=False).decide(key, resumable=True)[1].info.run_id == interrupted_run
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert main.Ledger(force=False).decide(stage_keys.train_key(params, sample_run.run_id),
+                                           resumable=True) == (None, None)
+
+
+def test_a_ray_retry_resumes_only_where_the_numerics_match(interrupted_run, monkeypatch):
+    """A Ray retry may land on another node: it goes on with the dead attempt's run only where
+    train would accept the resume, else it ends that run FAILED and trains a new one."""
+    from pipeline import ray_tasks
+
+    run = mlflow.get_run(interrupted_run)
+    params = stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16})
+    assert ray_tasks._other_numerics(run, params) == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ray_tasks._other_numerics(run, params) == "torch_threads 1 vs 2"
 
 
 def test_a_resumed_interrupted_run_finishes(experiment, sample_run, interrupted_run):

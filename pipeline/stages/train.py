@@ -53,10 +53,19 @@ class ResumePoint:
     checkpoint: dict
     source: str  # where the checkpoint was read from
     logged: dict[str, dict[int, float]]  # the points the run already holds, metric -> step -> value
+    # What the run's end already logged when a stop came after it (see ResumePoint.to_log):
+    summary: dict[str, float]
+    model_uri: str | None
 
     @property
     def epochs_done(self) -> int:
         return self.checkpoint["epochs_done"]
+
+    def to_log(self, summary: dict[str, float]) -> dict[str, float]:
+        """The summary metrics the run lacks. A run stopped after its end was logged (during
+        the final checkpoint upload, say) holds them already; a second point would make
+        `final_test_accuracy` a two-point history."""
+        return {name: value for name, value in summary.items() if name not in self.summary}
 
 
 def checkpoint_meta(params: dict, config, sample_run_id: str) -> dict:
@@ -65,6 +74,20 @@ def checkpoint_meta(params: dict, config, sample_run_id: str) -> dict:
         "config": config.name, "config_digest": config.digest, "sample_run_id": sample_run_id,
         **{name: params[name] for name in RESUME_MUST_MATCH},
     }
+
+
+class OtherNumerics(PipelineError):
+    """The run to resume was trained where a training's bits come out otherwise."""
+
+
+def numerics_differences(run_params: dict[str, str], device: str) -> list[str]:
+    """'name run-value vs this-value' for each machine value (the cache key's numerics, and
+    the device) the run was trained with that differs here."""
+    here = {"torch_device": device, **numerics(device)}
+    names = [n for n in here if n in run_params] + \
+        [n for n in run_params if n == "gpu" and n not in here]
+    return [f"{name} {run_params[name]} vs {tracking.format_param(here.get(name, 'none'))}"
+            for name in names if run_params[name] != tracking.format_param(here.get(name, ""))]
 
 
 def prepare_resume(params: dict) -> ResumePoint:
@@ -80,7 +103,16 @@ def prepare_resume(params: dict) -> ResumePoint:
                             f"(its model is runs:/{run_id}/{MODEL_ARTIFACT})")
     checkpoint, source = fetch_checkpoint(run_id)
     config = load_model_config(params["config"])
-    stage_keys.train_settings(params)
+    settings = stage_keys.train_settings(params)
+    other_numerics = numerics_differences(run.data.params, settings.device)
+    if other_numerics:
+        raise OtherNumerics(
+            f"resume_run_id: run {run_id} was trained with other numerics than this machine's "
+            f"(run vs here): {'; '.join(other_numerics)}; its remaining epochs would not match "
+            f"its first ones bit for bit. Resume it where these match (the same "
+            f"OMP_NUM_THREADS, device and torch, a processor of the same model), or leave "
+            f"resume_run_id empty (main: force=true) to start a new run"
+        )
     sample_run_id = params["data_run_id"] or run.data.params.get("sample_run_id", "")
     expected = checkpoint_meta(params, config, sample_run_id)
     differences = meta_differences(checkpoint["meta"].get("params", {}), expected)
@@ -93,7 +125,8 @@ def prepare_resume(params: dict) -> ResumePoint:
     client = mlflow.MlflowClient()
     logged = {name: {m.step: m.value for m in client.get_metric_history(run_id, name)}
               for name in METRIC_NAMES}
-    return ResumePoint(run_id, checkpoint, source, logged)
+    return ResumePoint(run_id, checkpoint, source, logged, dict(run.data.metrics),
+                       run.data.tags.get(tracking.MODEL_URI_TAG))
 
 
 def run(params: dict) -> str:
@@ -166,14 +199,18 @@ def run(params: dict) -> str:
             summary["train_time_s"] = earlier + time.perf_counter() - started
             writer.flush()
             _log_history(history, config.name)
-            mlflow.log_metrics(summary)
-            if params["log_model"]:
+            mlflow.log_metrics(resume.to_log(summary) if resume else summary)
+            if params["log_model"] and resume and resume.model_uri:
+                print(f"model already logged before the stop: {resume.model_uri}")
+            elif params["log_model"]:
                 log_model(model.cpu(), sample.test.features()[:5])
         except interrupts.Interrupted:
-            # Seconds, not minutes: what is not written by then is in the local checkpoint.
+            # Seconds, not minutes: what is not written by then is in the local checkpoint
+            # (and its history in the checkpoint); the figures wait for the resume.
             _best_effort_flush(writer, STOP_WAIT_S)
             store.close(timeout=STOP_WAIT_S)
-            _keep_history(history, config.name)
+            with tracking.hurried():
+                _keep_history(history, config.name, figures=False)
             raise
         except BaseException:
             # A FAILED run can be resumed too (main does). A store that already refused
@@ -226,20 +263,23 @@ def _log_epoch(writer: MetricWriter, record: dict, epochs: int, history: list[di
     )
 
 
-def _keep_history(history: list[dict], name: str) -> None:
+def _keep_history(history: list[dict], name: str, figures: bool = True) -> None:
     """Even a diverged or interrupted run keeps the epochs it finished, if the store lets it:
     the reason the run stopped matters more than a failure to write its figures."""
     try:
-        _log_history(history, name)
+        _log_history(history, name, figures)
     except Exception as err:  # noqa: BLE001
-        print(f"warning: could not log history.csv and the figures: {err}", file=sys.stderr)
+        print(f"warning: could not log history.csv{' and the figures' if figures else ''}: "
+              f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
 
 
-def _log_history(history: list[dict], name: str) -> None:
+def _log_history(history: list[dict], name: str, figures: bool = True) -> None:
     if not history:
         return
     frame = pd.DataFrame(history)
     mlflow.log_text(frame.to_csv(index=False), "history.csv")
+    if not figures:
+        return
     for metric, title in (("accuracy", "Accuracy"), ("loss", "Loss")):
         fig = plots.learning_curve(frame, metric, f"{name}: training and test {title.lower()} vs. epoch")
         mlflow.log_figure(fig, f"{metric}.png")
