@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from pipeline import tracking
+from pipeline import tracking, tracking_access
 from pipeline.errors import PipelineError
 
 LOCAL = ""
@@ -78,16 +78,8 @@ def credentials_set(values: dict[str, str]) -> Iterator[None]:
     """In a worker: the driver's tracking login in os.environ (where MLflow reads it on every
     request) while the task runs; afterwards the worker's own environment again, since the
     worker goes on to serve other tasks."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
+    with tracking_access.environment_set(values):
         yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def end_orphaned_runs(run_ids, status: str, why: str) -> list[str]:

@@ -178,16 +178,8 @@ def hurried() -> Iterator[None]:
     """Tracking requests made inside the block give up after STOPPING_REQUEST_TIMEOUT_S, with
     no retry (MLflow reads these variables on every request). For what a stopped stage still
     writes: a server that does not answer at once gets nothing, the process exits in seconds."""
-    previous = {name: os.environ.get(name) for name in _HTTP_LIMITS}
-    os.environ.update(_HTTP_LIMITS)
-    try:
+    with tracking_access.environment_set(_HTTP_LIMITS):
         yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextmanager

@@ -9,6 +9,8 @@ below unless the user has set the variables.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 import mlflow
 import requests
@@ -24,6 +26,23 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 LOGIN_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+
+@contextmanager
+def environment_set(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ inside the block (MLflow reads its login and HTTP limits there on
+    every request), the earlier environment after it. Variable by variable, not by clearing
+    the whole environment: other threads (the metric writer's) keep reading it meanwhile."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def apply_http_defaults() -> None:
