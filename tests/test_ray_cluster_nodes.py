@@ -216,6 +216,7 @@ def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
     try:
         victim = _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes, stage)
         worker_pid = int(victim.data.tags["pipeline.ray_worker"].rsplit(" ", 1)[1])
+        logged = len(MlflowClient().get_metric_history(victim.info.run_id, "train_loss"))
         ray_nodes.cluster.remove_node(ray_nodes.worker, allow_graceful=False)
         # A lost machine takes every process on it along, and its disk.
         if psutil.pid_exists(worker_pid):
@@ -233,9 +234,11 @@ def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
     assert {r.info.status for r in runs_in(experiment)} == {"FINISHED"}
     resumed = mlflow.get_run(victim.info.run_id)
     assert resumed.data.tags[NODE_TAG] == ids["head"]
-    assert any(f"resuming mlp4 run {victim.info.run_id} after epoch" in line
-               and f"({checkpoint_store.ARTIFACT_PATH} of run {victim.info.run_id})" in line
-               for line in stage.lines), "\n".join(stage.lines[-40:])
+    [resuming] = [line for line in stage.lines
+                  if f"resuming mlp4 run {victim.info.run_id} after epoch" in line]
+    assert f"({checkpoint_store.ARTIFACT_PATH} of run {victim.info.run_id})" in resuming
+    print(f"\n{label} (run {victim.info.run_id}) lost with node {ids['worker'][:12]} after "
+          f"{logged} epoch(s) logged; retried on node {ids['head'][:12]}: {resuming}")
 
     # The same training in this process, undisturbed.
     accepted = stage_params("train")
