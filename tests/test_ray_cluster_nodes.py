@@ -187,6 +187,10 @@ def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
     assert {r.data.tags.get(NODE_TAG) for r in trains} == set(node_ids(ray_nodes).values())
     for run in trains:
         assert tracking.INTERRUPTED_TAG in run.data.tags
+        # Resumable by the same command from any node: its checkpoint is in the artifacts.
+        assert checkpoint_store.ARTIFACT_PATH in {
+            a.path for a in MlflowClient().list_artifacts(run.info.run_id,
+                                                          checkpoint_store.ARTIFACT_DIR)}
     # The tasks stopped with their runs: no epoch is logged after the stop.
     epochs = {r.info.run_id: len(MlflowClient().get_metric_history(r.info.run_id, "train_loss"))
               for r in trains}
