@@ -1,12 +1,13 @@
 """The study on a Ray cluster of two nodes (head + worker, one CPU each, built on this machine
 with ray.cluster_utils.Cluster the way Ray's own tests build one), tracking through a real
-`mlflow server` with proxied artifacts.
+`mlflow server` with proxied artifacts and logins.
 
 Each node has its own PIPELINE_CACHE_DIR, so nothing passes between nodes except through the
 tracking server: trainings spread over both nodes and agree with the local executor, a stopped
 driver ends every run KILLED, and a training whose node is lost resumes on the other node from
-the checkpoint in the artifact store. The server is a plain `mlflow server` on SQLite (no
-PostgreSQL, no logins: tests/test_team_server.py covers those).
+the checkpoint in the artifact store. The server keeps its runs in SQLite rather than
+PostgreSQL (tests/test_team_server.py covers that); the login reaches the workers only as a
+task argument (the raylets are started without it).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +27,8 @@ import pytest
 from conftest import Experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
-from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, history, stages_table, study_params,
-                               train_runs, write_study)
+from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, assert_secrets_nowhere, history,
+                               stages_table, study_params, train_runs, write_study)
 
 from pipeline import checkpoint_store, ray_cluster, tracking
 from pipeline.cli import stage_params
@@ -37,6 +39,8 @@ from pipeline.training import METRIC_NAMES
 pytestmark = pytest.mark.integration
 
 NODE_TAG = "pipeline.ray_node"
+# The server's admin, the one login of these tests; a password to find if it leaks anywhere.
+LOGIN = ("admin", f"password-{uuid.uuid4().hex}")
 STUDY_TIMEOUT_S = 900  # two fresh nodes start their first workers in 20-45 s each on 2 cores
 
 
@@ -75,7 +79,8 @@ def ray_nodes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking-server")
-    tracking_server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}")
+    tracking_server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
+                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
     try:
         tracking_server.start()
         yield tracking_server
@@ -88,6 +93,8 @@ def on_server(server, tracking_store, monkeypatch, request):
     """This process logs to the server, into a new experiment of this test's (artifacts
     proxied by the server); the temporary SQLite store again afterwards."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", LOGIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", LOGIN[1])
     mlflow.set_tracking_uri(server.uri)
     name = f"nodes-{request.node.name[:40]}-{os.getpid()}"
     try:
@@ -105,7 +112,8 @@ def driver(tracking_store, server, ray_nodes, experiment, study: str, data: Path
     own and a checkpoint upload after every epoch."""
     env = {**subprocess_env(tracking_store), "MLFLOW_TRACKING_URI": server.uri,
            "PIPELINE_CACHE_DIR": str(cache), "PIPELINE_CHECKPOINT_UPLOAD_S": "0",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_USERNAME": LOGIN[0],
+           "MLFLOW_TRACKING_PASSWORD": LOGIN[1]}
     return Stage([sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
                   "--study", study, "--data_dir", str(data), "--executor", "ray",
                   "--ray_address", ray_nodes.address], env)
@@ -138,6 +146,10 @@ def test_a_study_spreads_over_the_nodes_and_agrees_with_the_local_executor(
                    tmp_path / "driver-cache")
     code = finished(stage)
     assert code == 0, "\n".join(stage.lines[-40:])
+    sessions = {Path(node.get_session_dir_path()) for node in (ray_nodes.head, ray_nodes.worker)}
+    assert all(any((session / "logs").glob("runtime_env_agent*")) for session in sessions)
+    assert_secrets_nowhere((LOGIN[1],), [*sessions, *ray_nodes.caches.values()],
+                           "\n".join(stage.lines), runs_in(experiment))
     [cluster_parent] = [r.info.run_id for r in runs_in(experiment, "main")]
 
     on_nodes = train_runs(experiment, cluster_parent)
