@@ -27,13 +27,14 @@ LOCAL = ""
 LOCAL_STORE_SCHEMES = ("", "file", "sqlite")
 # What a worker needs of the driver's environment to log where the driver logs. Goes in the
 # task's runtime_env, which Ray's runtime-env agent writes to its log on every node: nothing
-# secret here (see CREDENTIAL_ENV).
+# secret here (see CREDENTIAL_ENV). Nor PIPELINE_CACHE_DIR: it names a folder on the driver's
+# machine, and each node keeps its own cache (its raylet's environment, which its workers get).
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
     "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_DISABLE_TELEMETRY",
     "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PIPELINE_CHECKPOINT_UPLOAD_S",
-    "PIPELINE_CACHE_DIR", "PIPELINE_TRACKING_RETRY_S",
+    "PIPELINE_TRACKING_RETRY_S",
 )
 # The tracking server's login: handed to each task as an argument (held in memory, never
 # written to a file or a command line) and put in the worker's environment only while the

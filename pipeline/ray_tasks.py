@@ -10,6 +10,8 @@ import time
 # `mlflow run` sets these for the driver; a local Ray's workers inherit them, and a worker
 # that kept them would log into the launcher's run instead of starting its own.
 DRIVER_ONLY_ENV = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME")
+NODE_TAG = "pipeline.ray_node"  # the Ray node id
+NODE_IP_TAG = "pipeline.ray_node_ip"
 
 
 def _as_a_worker() -> None:
@@ -57,8 +59,12 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     started = time.perf_counter()
     context = ray.get_runtime_context()
     task_id = context.get_task_id()
-    tags = {tracking.TASK_TAG: task_id,
-            "pipeline.ray_worker": f"{context.get_node_id()[:12]} pid {os.getpid()}"}
+    node_id = context.get_node_id()
+    # Which node ran (or, after a retry, resumed) the run: on a cluster, where to look for
+    # its worker's log, and which runs a lost node took with it.
+    tags = {tracking.TASK_TAG: task_id, NODE_TAG: node_id,
+            NODE_IP_TAG: ray.util.get_node_ip_address(),
+            "pipeline.ray_worker": f"{node_id[:12]} pid {os.getpid()}"}
     earlier = next((run for run in tracking.find_runs_tagged(tracking.TASK_TAG, task_id)
                     if run.info.status != "FINISHED"), None)
     resumed = ""

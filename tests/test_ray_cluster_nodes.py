@@ -1,0 +1,290 @@
+"""The study on a Ray cluster of two nodes (head + worker, one CPU each, built on this machine
+with ray.cluster_utils.Cluster the way Ray's own tests build one), tracking through a real
+`mlflow server` with proxied artifacts and logins.
+
+Each node has its own PIPELINE_CACHE_DIR, so nothing passes between nodes except through the
+tracking server: trainings spread over both nodes and agree with the local executor, a stopped
+driver ends every run KILLED, and a training whose node is lost resumes on the other node from
+the checkpoint in the artifact store. The server keeps its runs in SQLite rather than
+PostgreSQL (tests/test_team_server.py covers that); the login reaches the workers only as a
+task argument (the raylets are started without it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+from conftest import Experiment, runs_in, subprocess_env
+from mlflow import MlflowClient
+from test_interrupts import Stage
+from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, assert_secrets_nowhere, history,
+                               stages_table, study_params, train_runs, write_study)
+
+from pipeline import checkpoint_store, ray_cluster, tracking
+from pipeline.cli import stage_params
+from pipeline.server.tracking_server import TrackingServer
+from pipeline.stages import main, train
+from pipeline.training import METRIC_NAMES
+
+pytestmark = pytest.mark.integration
+
+NODE_TAG = "pipeline.ray_node"
+# The server's admin, the one login of these tests; a password to find if it leaks anywhere.
+LOGIN = ("admin", f"password-{uuid.uuid4().hex}")
+STUDY_TIMEOUT_S = 900  # two fresh nodes start their first workers in 20-45 s each on 2 cores
+
+
+@dataclass(frozen=True)
+class RayNodes:
+    cluster: object  # ray.cluster_utils.Cluster
+    head: object  # ray._private.node.Node
+    worker: object
+    caches: dict[str, Path]  # node name -> its PIPELINE_CACHE_DIR
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(tmp_path_factory):
+    """Head and one worker node, one CPU each, each with a cache folder of its own (the
+    raylet's environment, which its workers inherit); shut down at the end, on failure too."""
+    from ray.cluster_utils import Cluster
+
+    root = tmp_path_factory.mktemp("ray-nodes")
+    caches = {name: root / f"cache-{name}" for name in ("head", "worker")}
+    cluster = Cluster()
+    try:
+        head = cluster.add_node(num_cpus=1, include_dashboard=False,
+                                env_vars={"PIPELINE_CACHE_DIR": str(caches["head"])})
+        worker = cluster.add_node(num_cpus=1,
+                                  env_vars={"PIPELINE_CACHE_DIR": str(caches["worker"])})
+        cluster.wait_for_nodes()
+        yield RayNodes(cluster, head, worker, caches)
+    finally:
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking-server")
+    tracking_server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
+                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
+    try:
+        tracking_server.start()
+        yield tracking_server
+    finally:
+        tracking_server.stop()
+
+
+@pytest.fixture
+def on_server(server, tracking_store, monkeypatch, request):
+    """This process logs to the server, into a new experiment of this test's (artifacts
+    proxied by the server); the temporary SQLite store again afterwards."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", LOGIN[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", LOGIN[1])
+    mlflow.set_tracking_uri(server.uri)
+    name = f"nodes-{request.node.name[:40]}-{os.getpid()}"
+    try:
+        yield Experiment(mlflow.set_experiment(name).experiment_id, name)
+    finally:
+        while mlflow.active_run():
+            mlflow.end_run()
+        mlflow.set_tracking_uri(tracking_store.uri)
+
+
+def driver(tracking_store, server, ray_nodes, experiment, study: str, data: Path,
+           cache: Path) -> Stage:
+    """`python -m pipeline main --executor ray --ray_address <the cluster>`, as a user on the
+    head would send it (ray_address=auto finds the same address there), with a cache of its
+    own and a checkpoint upload after every epoch."""
+    env = {**subprocess_env(tracking_store), "MLFLOW_TRACKING_URI": server.uri,
+           "PIPELINE_CACHE_DIR": str(cache), "PIPELINE_CHECKPOINT_UPLOAD_S": "0",
+           "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_USERNAME": LOGIN[0],
+           "MLFLOW_TRACKING_PASSWORD": LOGIN[1]}
+    return Stage([sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
+                  "--study", study, "--data_dir", str(data), "--executor", "ray",
+                  "--ray_address", ray_nodes.address], env)
+
+
+def finished(stage: Stage, timeout: float = STUDY_TIMEOUT_S) -> int:
+    try:
+        code = stage.process.wait(timeout=timeout)
+    finally:
+        stage.stop()
+    stage._reader.join(timeout=5)
+    return code
+
+
+def node_ids(ray_nodes: RayNodes) -> dict[str, str]:
+    return {"head": ray_nodes.head.node_id, "worker": ray_nodes.worker.node_id}
+
+
+def test_the_task_environment_leaves_each_node_its_own_cache(monkeypatch):
+    """PIPELINE_CACHE_DIR names a folder on the driver's machine; a node keeps its own."""
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", "/only/on/the/driver")
+    assert "PIPELINE_CACHE_DIR" not in ray_cluster.worker_env("1", 1)
+
+
+def test_a_study_spreads_over_the_nodes_and_agrees_with_the_local_executor(
+        ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
+    experiment = on_server
+    study = write_study(tmp_path, "nodes", ["mlp3", "mlp4"], [0, 1], epochs=2)
+    stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
+                   tmp_path / "driver-cache")
+    code = finished(stage)
+    assert code == 0, "\n".join(stage.lines[-40:])
+    sessions = {Path(node.get_session_dir_path()) for node in (ray_nodes.head, ray_nodes.worker)}
+    assert all(any((session / "logs").glob("runtime_env_agent*")) for session in sessions)
+    assert_secrets_nowhere((LOGIN[1],), [*sessions, *ray_nodes.caches.values()],
+                           "\n".join(stage.lines), runs_in(experiment))
+    [cluster_parent] = [r.info.run_id for r in runs_in(experiment, "main")]
+
+    on_nodes = train_runs(experiment, cluster_parent)
+    ids = node_ids(ray_nodes)
+    assert {run.data.tags.get(NODE_TAG) for run in on_nodes.values()} == set(ids.values()), \
+        "the trainings did not land on both nodes"
+
+    # A later local study finds every stage done: the cache keys are the same, and its
+    # trainings are the cluster's runs.
+    local_reuse = stages_table(main.run(study_params(study, shared_tiny_mnist.root)))
+    assert local_reuse.reused.all()
+    assert set(local_reuse[local_reuse.stage == "train"].run_id) == \
+        {run.info.run_id for run in on_nodes.values()}
+    # The same study again in this process, every stage run anew (a new sample run, so other
+    # keys), to compare the values.
+    local_parent = main.run(study_params(study, shared_tiny_mnist.root, force=True))
+    local = train_runs(experiment, local_parent)
+    assert sorted(on_nodes) == sorted(local) == [
+        "train-mlp3-seed0", "train-mlp3-seed1", "train-mlp4-seed0", "train-mlp4-seed1"]
+    for name, run in on_nodes.items():
+        twin = local[name]
+        assert run.info.status == twin.info.status == "FINISHED"
+        assert ({k: v for k, v in run.data.params.items() if k not in RUN_SPECIFIC}
+                == {k: v for k, v in twin.data.params.items() if k not in RUN_SPECIFIC})
+        got, want = history(run.info.run_id), history(twin.info.run_id)
+        for metric in REPRODUCIBLE:
+            assert got[metric] == want[metric], f"{name}: {metric}"
+
+
+def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
+        ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
+    experiment = on_server
+    study = write_study(tmp_path, "stopped", ["mlp4"], [0, 1], epochs=200, batch_size=2)
+    stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
+                   tmp_path / "driver-cache")
+    try:
+        for seed in (0, 1):
+            _wait_for_line(stage, f"(train-mlp4-seed{seed} pid=", "epoch   1/200")
+        code, _ = stage.signal(signal.SIGTERM, timeout=120)
+    finally:
+        stage.stop()
+    assert code == 143, "\n".join(stage.lines[-30:])
+    statuses = {r.info.run_name: r.info.status for r in runs_in(experiment)}
+    assert statuses == {"main-stopped": "KILLED", "sample_data-first12": "FINISHED",
+                        "train-mlp4-seed0": "KILLED", "train-mlp4-seed1": "KILLED"}
+    trains = runs_in(experiment, "train")
+    assert {r.data.tags.get(NODE_TAG) for r in trains} == set(node_ids(ray_nodes).values())
+    for run in trains:
+        assert tracking.INTERRUPTED_TAG in run.data.tags
+        # Resumable by the same command from any node: its checkpoint is in the artifacts.
+        assert checkpoint_store.ARTIFACT_PATH in {
+            a.path for a in MlflowClient().list_artifacts(run.info.run_id,
+                                                          checkpoint_store.ARTIFACT_DIR)}
+    # The tasks stopped with their runs: no epoch is logged after the stop.
+    epochs = {r.info.run_id: len(MlflowClient().get_metric_history(r.info.run_id, "train_loss"))
+              for r in trains}
+    time.sleep(5)
+    assert epochs == {r.info.run_id: len(MlflowClient().get_metric_history(r.info.run_id,
+                                                                           "train_loss"))
+                      for r in trains}
+
+
+def _wait_for_line(stage: Stage, start: str, text: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(start) and text in line for line in stage.lines):
+        if stage.process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"never printed {start}...{text}:\n" + "\n".join(stage.lines[-30:]))
+        time.sleep(0.1)
+
+
+def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
+        ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
+    """Runs last: the worker node does not come back."""
+    experiment = on_server
+    epochs = 16
+    study = write_study(tmp_path, "lost", ["mlp4"], [0, 1], epochs=epochs, batch_size=2)
+    stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
+                   tmp_path / "driver-cache")
+    ids = node_ids(ray_nodes)
+    try:
+        victim = _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes, stage)
+        worker_pid = int(victim.data.tags["pipeline.ray_worker"].rsplit(" ", 1)[1])
+        logged = len(MlflowClient().get_metric_history(victim.info.run_id, "train_loss"))
+        ray_nodes.cluster.remove_node(ray_nodes.worker, allow_graceful=False)
+        # A lost machine takes every process on it along, and its disk.
+        if psutil.pid_exists(worker_pid):
+            os.kill(worker_pid, signal.SIGKILL)
+        shutil.rmtree(ray_nodes.caches["worker"])
+        code = finished(stage)
+    finally:
+        stage.stop()
+    assert code == 0, "\n".join(stage.lines[-40:])
+
+    [parent] = runs_in(experiment, "main")
+    label = victim.info.run_name
+    assert label in parent.data.tags["pipeline.resumed_stages"].split(",")
+    assert stages_table(parent.info.run_id).set_index("label").loc[label, "resumed"]
+    assert {r.info.status for r in runs_in(experiment)} == {"FINISHED"}
+    resumed = mlflow.get_run(victim.info.run_id)
+    assert resumed.data.tags[NODE_TAG] == ids["head"]
+    [resuming] = [line for line in stage.lines
+                  if f"resuming mlp4 run {victim.info.run_id} after epoch" in line]
+    assert f"({checkpoint_store.ARTIFACT_PATH} of run {victim.info.run_id})" in resuming
+    print(f"\n{label} (run {victim.info.run_id}) lost with node {ids['worker'][:12]} after "
+          f"{logged} epoch(s) logged; retried on node {ids['head'][:12]}: {resuming}")
+
+    # The same training in this process, undisturbed.
+    accepted = stage_params("train")
+    undisturbed = train.run(stage_params("train", {
+        k: v for k, v in resumed.data.params.items() if k in accepted and k != "resume_run_id"}))
+    got, want = history(resumed.info.run_id), history(undisturbed)
+    for metric in METRIC_NAMES:
+        assert [step for step, _ in got[metric]] == list(range(1, epochs + 1)), metric
+    for metric in REPRODUCIBLE:
+        assert got[metric] == want[metric], metric
+
+
+def _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes: RayNodes,
+                                                      stage: Stage):
+    """The train run on the worker node once its checkpoint is in the artifact store (and,
+    until then, only in the worker node's own cache)."""
+    client = MlflowClient()
+    worker_id = ray_nodes.worker.node_id
+    deadline = time.monotonic() + STUDY_TIMEOUT_S
+    while time.monotonic() < deadline and stage.process.poll() is None:
+        for run in runs_in(experiment, "train"):
+            if run.info.status != "RUNNING" or run.data.tags.get(NODE_TAG) != worker_id:
+                continue
+            local = checkpoint_store.local_dir(run.info.run_id).relative_to(
+                checkpoint_store.cache_root())
+            on_its_node = (ray_nodes.caches["worker"] / local / checkpoint_store.FILE_NAME)
+            uploaded = {a.path for a in client.list_artifacts(run.info.run_id,
+                                                               checkpoint_store.ARTIFACT_DIR)}
+            if on_its_node.is_file() and checkpoint_store.ARTIFACT_PATH in uploaded:
+                return run
+        time.sleep(0.2)
+    pytest.fail("no training on the worker node had its first checkpoint in its node's cache "
+                "and the artifact store while it ran:\n" + "\n".join(stage.lines[-30:]))
