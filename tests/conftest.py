@@ -13,7 +13,7 @@ import os
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 # The tests' tensors are tiny: one thread is faster, and two OpenMP threads spin-waiting on a
 # 2-core machine that is busy with anything else slow a 0.02 s epoch down to over a second.
-# The train stage runs with the threads this names (pipeline.machine), here and in the stage
+# The train stage runs with the threads this names (pipeline.cache.machine), here and in the stage
 # processes the tests start.
 os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -267,7 +267,7 @@ class SampleRun:
 @pytest.fixture(scope="session")
 def sample_run(tracking_store, shared_tiny_mnist) -> SampleRun:
     """One real sample_data run (first 12 of each digit) on the shared tiny MNIST."""
-    from pipeline.cli import stage_params
+    from pipeline.parameters import stage_params
     from pipeline.stages import sample_data
 
     _end_active_runs()

@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from pipeline import cli
 from pipeline.server.postgres import LocalPostgres, find_bin_dir
 from pipeline.server.tracking_server import MLFLOW, TrackingServer, free_port, stop_group
-from pipeline.tracking_access import HTTP_DEFAULTS
+from pipeline.runs.tracking_access import HTTP_DEFAULTS
 
 pytestmark = [
     pytest.mark.integration, requires_real_mnist,

@@ -44,9 +44,10 @@ from conftest import (
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from pipeline.cli import stage_params
-from pipeline import registry, tracking
+from pipeline.parameters import stage_params
+from pipeline.runs import registry, tracking
 from pipeline.errors import PipelineError
+from pipeline.runs import samples
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
 STAGE_TAG = "pipeline.stage"
@@ -256,7 +257,7 @@ def test_evaluate_logs_per_class_metrics_consistent_with_the_confusion_matrix(
         assert {f"{name}_{d}" for d in DIGITS} <= set(metrics), name
 
     # The confusion matrix is the model's own predictions on the sample's test split.
-    sample = sample_data.fetch_sample(evaluated.shared.sample_id)
+    sample = samples.fetch_sample(evaluated.shared.sample_id)
     model = mlflow.pyfunc.load_model(f"runs:/{evaluated.source_id}/model")
     predicted = model.predict(sample.test.features().numpy())["digit"].to_numpy()
     labels = sample.test.labels.numpy()
@@ -426,7 +427,7 @@ def test_compare_registers_the_most_accurate_run_as_champion(compared: Compared)
 
 
 def test_the_champion_loads_and_predicts_like_its_train_run(compared: Compared):
-    sample = sample_data.fetch_sample(compared.shared.sample_id)
+    sample = samples.fetch_sample(compared.shared.sample_id)
     x = sample.test.features().numpy()
     loaded = mlflow.pytorch.load_model(f"models:/{compared.model_name}@champion")
     original = mlflow.pytorch.load_model(f"runs:/{compared.shared.best}/model")
@@ -1011,7 +1012,7 @@ def test_vgg11_trains_through_the_train_stage(experiment, noisy_mnist, shared: S
 
 
 def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
-    from pipeline.config import load_study
+    from pipeline.core.config import load_study
 
     with pytest.raises(PipelineError, match="seeds must be whole numbers"):
         load_study("depth_study", seeds="0,one")

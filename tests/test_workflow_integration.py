@@ -166,7 +166,7 @@ def test_a_second_mlflow_run_reuses_every_stage(tracking_store, study: Study):
 
 def test_multi_seed_main_on_real_data_produces_grouped_artifacts(experiment):
     """Issue 4: a tiny multi-seed study (2 seeds x mlp3/mlp4, 2 epochs) on the real sample."""
-    from pipeline.cli import stage_params
+    from pipeline.parameters import stage_params
     from pipeline.stages import main
 
     parent_id = main.run(stage_params("main", {

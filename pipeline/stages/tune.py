@@ -6,7 +6,7 @@ written as a YAML file that `train --config <file>` takes as is, trained by the 
 on the whole training sample (a nested run) and so scored once on test; it is registered and
 takes @champion only on improvement, as compare's best does.
 
-Reruns: every trial is an MLflow run tagged with a trial key (stage_keys.tune_trial_key:
+Reruns: every trial is an MLflow run tagged with a trial key (tune_trial.trial_key:
 space, epochs, split, seed, ASHA rules, sample, code, machine; not the number of trials).
 FINISHED trials with the key are reused: Optuna is told their points and results
 (OptunaSearch's points_to_evaluate/evaluated_rewards) and only the missing trials run. The
@@ -29,13 +29,19 @@ import pandas as pd
 import yaml
 from ray.tune import Callback
 
-from pipeline import interrupts, ray_cluster, registry, search_space, stage_keys, tracking, tune_trial
-from pipeline.cli import stage_params
+from pipeline import interrupts
+from pipeline.cache import train_keys
+from pipeline.core import search_space
+from pipeline.runs import registry, tracking
+from pipeline.scale import ray_cluster
+from pipeline.stages import tune_trial
+from pipeline.parameters import stage_params
 from pipeline.errors import PipelineError
-from pipeline.file_digests import cache_root
-from pipeline.search_space import Choice, Range, SearchSpace
-from pipeline.stages import STAGES, sample_data
-from pipeline.validation_split import split_indices
+from pipeline.cache.file_digests import cache_root
+from pipeline.core.search_space import Choice, Range, SearchSpace
+from pipeline.runs import samples
+from pipeline.stage_index import STAGES
+from pipeline.core.validation_split import split_indices
 
 STAGE = "tune"
 METRIC, MODE = "val_loss", "min"
@@ -60,8 +66,8 @@ def run(params: dict) -> str:
             "sweep_seed": space.seed, "sweep_device": device,
             **{f"space.{k}": _describe(v) for k, v in space.parameters.items()},
         })
-        data_run_id = sample_data.resolve_data_run(params)
-        sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
+        data_run_id = samples.resolve_data_run(params, draw=STAGES["sample_data"])
+        sample = samples.fetch_sample(data_run_id, params["data_dir"])
         labels = sample.train.labels.numpy()
         fit, val = split_indices(labels, space.val_size, space.seed)
         data = tune_trial.split_arrays(sample.train.images.numpy(), labels, fit, val)
@@ -70,7 +76,7 @@ def run(params: dict) -> str:
               f"fitting on {len(fit)} images, validating on {len(val)} "
               f"(val_size {space.val_size}, seed {space.seed}); the test split is not used")
 
-        key = stage_keys.tune_trial_key(space, data_run_id, params["cpus_per_trial"], device)
+        key = tune_trial.trial_key(space, data_run_id, params["cpus_per_trial"], device)
         mlflow.set_tag("pipeline.sweep_trial_key", key)  # the key its trial runs carry
         done = finished_trials(key)[:space.trials]
         missing = space.trials - len(done)
@@ -135,13 +141,13 @@ def _describe(value) -> str:
 
 def _log_split_inputs(data: tune_trial.TrialData, data_run_id: str, space: SearchSpace) -> None:
     """The fit and validation parts as dataset inputs of the tune run: what trials saw."""
-    source = mlflow.get_run(data_run_id).info.artifact_uri + "/" + sample_data.SAMPLE_ARTIFACT
+    source = mlflow.get_run(data_run_id).info.artifact_uri + "/" + samples.SAMPLE_ARTIFACT
     for images, labels, part, context in (
         (data.fit_images, data.fit_labels, "fit", "training"),
         (data.val_images, data.val_labels, "validation", "validation"),
     ):
         dataset = mlflow.data.from_numpy(
-            features=images, targets=labels, source=sample_data._dataset_source(source),
+            features=images, targets=labels, source=samples.dataset_source(source),
             name=f"mnist-train-{part}-val{space.val_size:g}-seed{space.seed}")
         mlflow.log_input(dataset, context=context)
 
@@ -430,7 +436,7 @@ def retrain(space: SearchSpace, values: dict, config_path: Path, data_run_id: st
         "sampling": params["sampling"], "sampling_seed": params["sampling_seed"],
         **search_space.train_overrides(values),
     })
-    cached = tracking.find_cached_run(stage_keys.train_key(fit, data_run_id))
+    cached = tracking.find_cached_run(train_keys.train_key(fit, data_run_id))
     if cached:
         print(f"tune: reusing finished train run {cached.info.run_id} of the winner")
         return cached.info.run_id

@@ -13,7 +13,7 @@ import torch
 from torchvision.datasets import MNIST
 
 from pipeline.errors import PipelineError
-from pipeline.sampling import ALL, SAMPLING_METHODS
+from pipeline.core.sampling import ALL, SAMPLING_METHODS
 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10

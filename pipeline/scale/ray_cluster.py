@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from pipeline import tracking, tracking_access
+from pipeline.runs import tracking, tracking_access
 from pipeline.errors import PipelineError
 
 LOCAL = ""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from pipeline import tracking
+from pipeline.runs import tracking
 from pipeline.errors import PipelineError
 
 CHAMPION = "champion"
