@@ -305,3 +305,21 @@ def assert_failed(run, *fragments: str) -> str:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert mlflow.active_run() is None, "the failed run was left active"
     return message
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the pipeline package that the key functions read instead of the real one:
+    edit it to see which stages' keys an edit changes (the code that runs stays the real one)."""
+    import shutil
+
+    from pipeline.cache import code_digest
+
+    root = tmp_path / "pipeline"
+    shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
+    for cached in (code_digest._pipeline_imports, code_digest._source_path):
+        cached.cache_clear()
+    yield root
+    for cached in (code_digest._pipeline_imports, code_digest._source_path):
+        cached.cache_clear()

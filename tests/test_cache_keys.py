@@ -35,19 +35,6 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(source.replace(old, new, 1))
 
 
-@pytest.fixture
-def package_copy(tmp_path, monkeypatch):
-    """A copy of the pipeline package that the key functions read instead of the real one."""
-    root = tmp_path / "pipeline"
-    shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
-    for cached in (code_digest._pipeline_imports, code_digest._source_path):
-        cached.cache_clear()
-    yield root
-    for cached in (code_digest._pipeline_imports, code_digest._source_path):
-        cached.cache_clear()
-
-
 def test_train_key_covers_every_module_train_runs_through():
     imported = code_digest._pipeline_imports("pipeline.stages.train")
     # The ones a hand-written list would miss: summary metrics, config parsing, the machine.

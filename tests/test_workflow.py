@@ -872,6 +872,37 @@ def test_compare_by_parent_run_id_without_a_recorded_list(experiment, shared: Sh
     assert stray in mlflow.get_run(run_id).data.tags["mlflow.note.content"]
 
 
+def _edit(path: Path, old: str, new: str) -> None:
+    source = path.read_text()
+    assert old in source, f"{old!r} is no longer in {path.name}: update this test"
+    path.write_text(source.replace(old, new, 1))
+
+
+def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, noisy_mnist,
+                                                                tmp_path, package_copy):
+    """The keys read package_copy: each edit there is what a developer's edit is to them."""
+    study_path = write_study(tmp_path / "study.yaml", configs=["mlp3"],
+                             registered_model_name=unique_model_name("code-edit"))
+    stages = ["sample_data", "train", "evaluate", "compare"]
+
+    def rerun() -> list[str]:
+        table = stages_table(run_main(study_path, noisy_mnist))
+        assert table["stage"].tolist() == stages
+        return table.loc[~table["reused"], "stage"].tolist()
+
+    assert rerun() == stages
+    _edit(package_copy / "core" / "comparison.py",
+          '"Only {best} was compared: final test accuracy "',
+          '"Only {best} took part: final test accuracy "')
+    assert rerun() == ["compare"], "compare's wording retrains nothing"
+    training = package_copy / "core" / "training.py"
+    _edit(training, '"""The training loop:', '"""The training loop, reworded:')
+    assert rerun() == [], "a docstring reruns nothing"
+    _edit(training, "loss = F.cross_entropy(logits.float(), yb)",
+          "loss = F.cross_entropy(logits.float(), yb, label_smoothing=0.1)")
+    assert rerun() == ["train", "evaluate", "compare"], "the loop's code retrains"
+
+
 def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mnist, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
