@@ -277,7 +277,7 @@ def _answers(url: str) -> bool:
 def test_the_served_champion_answers_evaluates_digits_with_probabilities(
     tracking_store, team_server, study
 ):
-    from pipeline.stages.sample_data import fetch_sample
+    from pipeline.runs.samples import fetch_sample
 
     with talking_to(team_server.uri, TRAINER) as client:
         champion = client.get_model_version_by_alias(study.model_name, "champion")

@@ -129,7 +129,7 @@ def test_mlflow_run_main_compares_both_models(study: Study):
 
 
 def test_mlflow_run_main_registers_a_champion_that_loads_and_predicts(study: Study):
-    from pipeline.stages.sample_data import fetch_sample
+    from pipeline.runs.samples import fetch_sample
 
     trains = {r.info.run_id: r.data.metrics["final_test_accuracy"]
               for r in runs_in(study.experiment, "train")}
