@@ -1,8 +1,8 @@
 """The training loop: SGD over shuffled mini-batches, then eval-mode metrics on both splits.
 
 Knows nothing about MLflow; the `on_epoch` callback is how a caller sees progress, and the
-`on_checkpoint` callback hands out the state that `resume` continues from (pipeline.core.checkpoint
-writes it to disk).
+`on_checkpoint` callback hands out the state that `resume` continues from
+(pipeline.core.checkpoint writes it to disk).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""train: fit one configured model on a logged sample and track everything about it."""
+"""train: fit one configured model on a logged sample and track everything about it.
+
+How a model is trained is pipeline.core.training (the loop) on pipeline.core.models; this
+module wires it to its MLflow run: the sample, the cache key, resuming, checkpoints, per-epoch
+metrics and the logged model."""
 
 from __future__ import annotations
 
