@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.core.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.runs.checkpoint_store import UPLOAD_INTERVAL_ENV, CheckpointStore  # noqa: E402
 from pipeline.cache.file_digests import CACHE_ENV  # noqa: E402
+from pipeline.core.checkpoint import save_checkpoint  # noqa: E402
 from pipeline.core.config import load_model_config  # noqa: E402
 from pipeline.core.data import draw_sample  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
 from pipeline.core.training import TrainSettings, train  # noqa: E402
+from pipeline.runs.checkpoint_store import UPLOAD_INTERVAL_ENV, CheckpointStore  # noqa: E402
 
 META = {"config_digest": "bench", "lr": 0.01, "sample_run_id": "bench"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

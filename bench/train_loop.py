@@ -23,10 +23,10 @@ from torch import nn, optim  # noqa: E402
 
 from pipeline.core.config import load_model_config  # noqa: E402
 from pipeline.core.data import draw_sample  # noqa: E402
-from pipeline.runs.metric_writer import MetricWriter  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
-from pipeline.stages.train import _log_epoch  # noqa: E402
 from pipeline.core.training import TrainSettings, train  # noqa: E402
+from pipeline.runs.metric_writer import MetricWriter  # noqa: E402
+from pipeline.stages.train import _log_epoch  # noqa: E402
 from seed_notebook import MLP3, MLP4, load_seed_data, seed_epoch  # noqa: E402
 
 

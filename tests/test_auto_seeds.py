@@ -12,9 +12,9 @@ import yaml
 from conftest import assert_failed, runs_in
 
 from pipeline.cache import compare_keys
-from pipeline.parameters import stage_params
 from pipeline.core.config import load_study
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
 from test_power_equivalence import CLOSE_A, CLOSE_B
 from test_workflow import (  # noqa: F401 (noisy_mnist: a fixture)
     by_stage, children_of, fake_train_run, noisy_mnist, read_csv, read_text, run_compare, run_main,

@@ -15,10 +15,10 @@ from conftest import REPO_ROOT, write_tiny_mnist
 
 from pipeline.cache import (code_digest, compare_keys, evaluate_keys, file_digests, machine,
                             sample_keys, train_keys)
-from pipeline.runs import tracking
-from pipeline.parameters import stage_params
 from pipeline import parameters
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import tracking
 
 
 # The stages main runs; main itself has no key but is listed so that no edit reaches it unseen.
@@ -42,7 +42,7 @@ def test_train_key_covers_every_module_train_runs_through():
             "pipeline.core.models", "pipeline.core.training", "pipeline.cache.machine"} <= imported
     # What does not compute a model: compare's statistics and wording, the command line, tune.
     assert not {"pipeline.core.comparison", "pipeline.cli", "pipeline.stages.compare",
-                "pipeline.core.evaluation", "pipeline.stages.tune_trial",
+                "pipeline.core.evaluation", "pipeline.stages.tuning.trial",
                 "pipeline.stages.sample_data"} & imported
 
 
@@ -86,10 +86,11 @@ def test_rewording_compares_conclusion_reruns_compare_only(package_copy):
 
 def test_editing_tune_changes_no_key_of_mains_stages(package_copy):
     before = _codes()
-    _edit(package_copy / "stages" / "tune_trial.py", '"space": space.digest,',
+    _edit(package_copy / "stages" / "tuning" / "trial.py", '"space": space.digest,',
           '"space": space.digest, "v": 2,')
-    with open(package_copy / "stages" / "tune.py", "a") as source:
-        source.write("\nAN_EDIT = True\n")
+    for module in ("tune.py", "tuning/search.py", "tuning/report.py"):
+        with open(package_copy / "stages" / module, "a") as source:
+            source.write("\nAN_EDIT = True\n")
     assert _codes() == before
 
 

@@ -27,9 +27,9 @@ from pipeline.core.checkpoint import (
 )
 from pipeline.core.config import load_model_config
 from pipeline.core.data import draw_sample
-from pipeline.errors import PipelineError
 from pipeline.core.models import build_model
 from pipeline.core.training import TrainingDiverged, TrainSettings, train
+from pipeline.errors import PipelineError
 
 SEED = 3
 EPOCHS = 3

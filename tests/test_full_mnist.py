@@ -14,10 +14,10 @@ from conftest import (
 )
 from mlflow import MlflowClient
 
-from pipeline.parameters import stage_params
 from pipeline.core.data import draw_sample, per_class_indices
-from pipeline.errors import PipelineError
 from pipeline.core.sampling import parse_samples_per_class
+from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
 from pipeline.runs import samples
 from pipeline.stages import evaluate, sample_data, train
 

@@ -9,8 +9,8 @@ import time
 import mlflow
 import pytest
 
-from pipeline.runs import metric_writer
 from pipeline.errors import PipelineError
+from pipeline.runs import metric_writer
 from pipeline.runs.metric_writer import MetricWriter
 
 

@@ -12,8 +12,8 @@ from conftest import REPO_ROOT
 from torch import nn
 
 from pipeline.core.config import load_model_config, resolve_config_path
-from pipeline.errors import PipelineError
 from pipeline.core.models import Scale, build_model, count_parameters
+from pipeline.errors import PipelineError
 
 
 # The notebook's own MLP classes, transcribed once in bench/seed_notebook.py.

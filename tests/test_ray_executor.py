@@ -19,11 +19,11 @@ from conftest import create_experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-from pipeline.runs import checkpoint_store, tracking
-from pipeline.parameters import stage_params
-from pipeline.errors import PipelineError
-from pipeline.stages import main, train
 from pipeline.core.training import METRIC_NAMES
+from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import checkpoint_store, tracking
+from pipeline.stages import main, train
 
 # Values a rerun reproduces bit for bit (times are not).
 REPRODUCIBLE = [m for m in METRIC_NAMES if m != "epoch_time_s"]

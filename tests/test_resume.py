@@ -21,12 +21,12 @@ from conftest import (
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-from pipeline.runs import checkpoint_store
 from pipeline.cli import main as cli_main
-from pipeline.parameters import stage_params
-from pipeline.errors import PipelineError
-from pipeline.stages import main, train
 from pipeline.core.training import METRIC_NAMES
+from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import checkpoint_store
+from pipeline.stages import main, train
 
 # Batches of two (BatchNorm needs two) make an epoch on the tiny sample long enough to be
 # interrupted mid-training.

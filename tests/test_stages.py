@@ -26,16 +26,16 @@ from conftest import (
 from mlflow import MlflowClient
 from scipy.special import softmax
 
-from pipeline.parameters import stage_params
-from pipeline.core.config import load_model_config
 from pipeline.cache import machine
+from pipeline.core.config import load_model_config
 from pipeline.core.data import draw_sample, load_sample
-from pipeline.errors import PipelineError
 from pipeline.core.models import build_model
-from pipeline.runs import samples
-from pipeline.stages import sample_data, train
 from pipeline.core.training import METRIC_NAMES, TrainSettings
 from pipeline.core.training import train as train_loop
+from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import samples
+from pipeline.stages import sample_data, train
 
 ERROR_TAG = "pipeline.error"
 STAGE_TAG = "pipeline.stage"

@@ -30,9 +30,9 @@ from conftest import REAL_DATA_ROOT, REPO_ROOT, requires_real_mnist, subprocess_
 from mlflow import MlflowClient
 
 from pipeline import cli
+from pipeline.runs.tracking_access import HTTP_DEFAULTS
 from pipeline.server.postgres import LocalPostgres, find_bin_dir
 from pipeline.server.tracking_server import MLFLOW, TrackingServer, free_port, stop_group
-from pipeline.runs.tracking_access import HTTP_DEFAULTS
 
 pytestmark = [
     pytest.mark.integration, requires_real_mnist,

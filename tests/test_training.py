@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.cache.machine import resolve_device
 from pipeline.core.config import load_model_config
 from pipeline.core.data import draw_sample
-from pipeline.errors import PipelineError
-from pipeline.cache.machine import resolve_device
 from pipeline.core.models import build_model
+from pipeline.errors import PipelineError
 from pipeline.core.training import (
     METRIC_NAMES,
     TrainingDiverged,

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from conftest import download, runs_in
 
-from pipeline.parameters import stage_params
 from pipeline.core.config import load_model_config
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
 from pipeline.core.search_space import (
     Choice, Range, load_search_space, model_config, point, train_overrides,
 )

@@ -44,10 +44,9 @@ from conftest import (
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from pipeline.parameters import stage_params
-from pipeline.runs import registry, tracking
 from pipeline.errors import PipelineError
-from pipeline.runs import samples
+from pipeline.parameters import stage_params
+from pipeline.runs import registry, samples, tracking
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
 STAGE_TAG = "pipeline.stage"

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from pipeline.core.model_spec import validate_model_spec
 from pipeline.core.yaml_file import read_yaml
 from pipeline.errors import PipelineError
-from pipeline.core.model_spec import validate_model_spec
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"

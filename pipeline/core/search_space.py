@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 
 from pipeline.core.config import read_yaml, resolve_config_path
-from pipeline.errors import PipelineError
 from pipeline.core.model_spec import check_keys, validate_model_spec
+from pipeline.errors import PipelineError
 
 TOP_KEYS = {"name", "description", "trials", "epochs", "val_size", "seed", "normalize",
             "registered_model_name", "asha", "space"}

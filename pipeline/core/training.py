@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.errors import PipelineError
 from pipeline.core.train_settings import TrainSettings
+from pipeline.errors import PipelineError
 
 METRIC_NAMES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import mlflow
 
 from pipeline import interrupts
-from pipeline.errors import PipelineError
 from pipeline.cache.file_digests import cache_root
+from pipeline.errors import PipelineError
 
 ARTIFACT_DIR = "checkpoints"
 FILE_NAME = "checkpoint.pt"

@@ -15,9 +15,9 @@ import mlflow
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from pipeline.runs import tracking_access
 from pipeline.errors import PipelineError
 from pipeline.interrupts import Interrupted
+from pipeline.runs import tracking_access
 
 DEFAULT_EXPERIMENT = "mnist-mlp"
 STAGE_TAG = "pipeline.stage"

@@ -1,1 +1,2 @@
-"""Execution on Ray: joining a cluster, the executors main hands trainings to, and what a Ray worker runs."""
+"""Execution on Ray: joining a cluster, the executors main hands its trainings and
+evaluations to, and what a Ray worker runs."""

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import interrupts
+from pipeline.errors import PipelineError
 from pipeline.runs import tracking
 from pipeline.scale import ray_cluster
-from pipeline.errors import PipelineError
 from pipeline.stage_index import STAGES
 
 EXECUTORS = ("local", "ray")

@@ -50,10 +50,10 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     import ray
 
     from pipeline import interrupts
-    from pipeline.runs import tracking
-    from pipeline.scale import ray_cluster
-    from pipeline.runs.checkpoint_store import has_checkpoint
     from pipeline.errors import PipelineError
+    from pipeline.runs import tracking
+    from pipeline.runs.checkpoint_store import has_checkpoint
+    from pipeline.scale import ray_cluster
     from pipeline.stage_index import STAGES
 
     started = time.perf_counter()

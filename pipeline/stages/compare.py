@@ -14,8 +14,8 @@ from pipeline.core.comparison import (
     RunRecord, config_table, conclusion, pairwise_tests, readable_table, run_table,
     two_stage_note,
 )
-from pipeline.errors import PipelineError
 from pipeline.core.training import METRIC_NAMES
+from pipeline.errors import PipelineError
 
 STAGE = "compare"
 FIGURES = {

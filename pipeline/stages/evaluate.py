@@ -14,10 +14,9 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from pipeline.cache import evaluate_keys
 from pipeline.core import plots
-from pipeline.runs import tracking
-from pipeline.errors import PipelineError
 from pipeline.core.evaluation import evaluate_logits
-from pipeline.runs import samples
+from pipeline.errors import PipelineError
+from pipeline.runs import samples, tracking
 from pipeline.stage_index import STAGES
 
 STAGE = "evaluate"

@@ -23,11 +23,11 @@ import pandas as pd
 from mlflow.entities import Run
 
 from pipeline.cache import compare_keys, evaluate_keys, sample_keys, train_keys
-from pipeline.runs import auto_seeds, registry, tracking
-from pipeline.scale import ray_cluster
-from pipeline.runs.checkpoint_store import has_checkpoint
-from pipeline.parameters import stage_params
 from pipeline.core.config import load_study
+from pipeline.parameters import stage_params
+from pipeline.runs import auto_seeds, registry, tracking
+from pipeline.runs.checkpoint_store import has_checkpoint
+from pipeline.scale import ray_cluster
 from pipeline.scale.executors import Job, make_executor, report_failures
 from pipeline.stage_index import STAGES
 

@@ -21,20 +21,18 @@ from mlflow.models import Model, ModelSignature, infer_signature
 
 from pipeline import interrupts
 from pipeline.cache import train_keys
-from pipeline.core import models, plots
-from pipeline.runs import digit_classifier, tracking
-from pipeline.core.checkpoint import meta_differences
-from pipeline.runs.checkpoint_store import CheckpointStore, fetch_checkpoint
-from pipeline.core.summary import summarize
-from pipeline.core.config import load_model_config
-from pipeline.errors import PipelineError
 from pipeline.cache.machine import numerics
-from pipeline.runs import resume
-from pipeline.runs.metric_writer import MetricWriter
+from pipeline.core import models, plots
+from pipeline.core.checkpoint import meta_differences
+from pipeline.core.config import load_model_config
 from pipeline.core.models import build_model, count_parameters
-from pipeline.runs import samples
-from pipeline.stage_index import STAGES
+from pipeline.core.summary import summarize
 from pipeline.core.training import METRIC_NAMES, train
+from pipeline.errors import PipelineError
+from pipeline.runs import digit_classifier, resume, samples, tracking
+from pipeline.runs.checkpoint_store import CheckpointStore, fetch_checkpoint
+from pipeline.runs.metric_writer import MetricWriter
+from pipeline.stage_index import STAGES
 
 STAGE = "train"
 # A checkpoint continues a run only under the parameters it was made with (and the same

@@ -72,10 +72,10 @@ def _run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     from ray import tune
 
     from pipeline.core import search_space
-    from pipeline.runs import tracking
     from pipeline.core.models import build_model, count_parameters
     from pipeline.core.train_settings import TrainSettings
     from pipeline.core.training import train
+    from pipeline.runs import tracking
 
     torch.set_num_threads(int(context.env["OMP_NUM_THREADS"]))
     # MLflow keeps the URI it first saw in this process; the trial's environment names the
