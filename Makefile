@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run    create .venv, install the pinned packages, run the whole study (mlflow run .)
-#   make test   create .venv, install the pinned packages, run the test suite
+#   make test   create .venv, install the pinned packages, check the layering, run the test suite
 # Offline, MNIST is read from ../shared/datasets when it is there (override: DATA_DIR=...).
 # A team's tracking server: make server / make server-stop; the champion over HTTP: make serve.
 
@@ -52,11 +52,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 run: setup
 	$(BIN)/mlflow run . --env-manager local --experiment-name $(EXPERIMENT) -P data_dir=$(DATA_DIR) $(ARGS)
 
+# lint-imports first: the layering contracts in pyproject.toml (docs/architecture.md).
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/lint-imports && $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/lint-imports && $(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(PORT)

@@ -1,6 +1,6 @@
 """What a checkpoint after every epoch costs: our train loop on the real sample with no
 checkpoints, with a synchronous save_checkpoint after each epoch, and with a clone handed to a
-background thread that saves it (pipeline.checkpoint_store, as the train stage does). Rounds of each alternate in one process; it prints the median
+background thread that saves it (pipeline.runs.checkpoint_store, as the train stage does). Rounds of each alternate in one process; it prints the median
 wall time of an epoch (its checkpoint included) for each, its ratio to no checkpoints (pooled,
 and the median of the ratios within a round), the checkpoint's size and the median time of one
 save. Not a test: it prints.
@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import mlflow  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.checkpoint import save_checkpoint  # noqa: E402
-from pipeline.checkpoint_store import UPLOAD_INTERVAL_ENV, CheckpointStore  # noqa: E402
-from pipeline.file_digests import CACHE_ENV  # noqa: E402
-from pipeline.config import load_model_config  # noqa: E402
-from pipeline.data import draw_sample  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
-from pipeline.training import TrainSettings, train  # noqa: E402
+from pipeline.cache.file_digests import CACHE_ENV  # noqa: E402
+from pipeline.core.checkpoint import save_checkpoint  # noqa: E402
+from pipeline.core.config import load_model_config  # noqa: E402
+from pipeline.core.data import draw_sample  # noqa: E402
+from pipeline.core.models import build_model  # noqa: E402
+from pipeline.core.training import TrainSettings, train  # noqa: E402
+from pipeline.runs.checkpoint_store import UPLOAD_INTERVAL_ENV, CheckpointStore  # noqa: E402
 
 META = {"config_digest": "bench", "lr": 0.01, "sample_run_id": "bench"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

@@ -14,11 +14,11 @@ import statistics
 
 import torch
 
-from pipeline.config import load_model_config
-from pipeline.data import draw_sample
-from pipeline.models import build_model
-from pipeline.train_settings import TrainSettings
-from pipeline.training import train
+from pipeline.core.config import load_model_config
+from pipeline.core.data import draw_sample
+from pipeline.core.models import build_model
+from pipeline.core.train_settings import TrainSettings
+from pipeline.core.training import train
 
 
 def epoch_times(config: str, sample, epochs: int, seed: int) -> list[float]:

@@ -15,9 +15,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 from mlflow.entities import Metric  # noqa: E402
 
-from pipeline.config import load_model_config  # noqa: E402
-from pipeline.data import draw_sample  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.core.config import load_model_config  # noqa: E402
+from pipeline.core.data import draw_sample  # noqa: E402
+from pipeline.core.models import build_model  # noqa: E402
 from pipeline.stages.train import log_model  # noqa: E402
 
 METRICS = {"train_loss": 0.1, "train_accuracy": 0.9, "test_loss": 0.2, "test_accuracy": 0.8,

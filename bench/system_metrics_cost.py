@@ -2,7 +2,7 @@
 
 1. One sampling cycle as the monitor thread does it (psutil readings, the batch logged, the run
    read back to see whether it still runs), timed over many cycles: its CPU time divided by the
-   sampling interval (pipeline.tracking's) is the share of one core it takes.
+   sampling interval (pipeline.runs.tracking's) is the share of one core it takes.
 2. Side by side: the same training with and without system metrics, alternating rounds; the
    median epoch time of each and their ratio (noise on this machine is a few %, so this shows
    only that nothing large is hidden).
@@ -24,7 +24,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  #
 
 from full_mnist_epoch import epoch_times as training_epoch_times  # noqa: E402
 from pipeline import tracking  # noqa: E402
-from pipeline.data import draw_sample  # noqa: E402
+from pipeline.core.data import draw_sample  # noqa: E402
 
 
 def cycle_cost(cycles: int) -> tuple[float, float]:

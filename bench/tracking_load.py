@@ -32,9 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.runs.tracking_access import HTTP_DEFAULTS  # noqa: E402
 from pipeline.server.postgres import LocalPostgres  # noqa: E402
 from pipeline.server.tracking_server import TrackingServer, free_port  # noqa: E402
-from pipeline.tracking_access import HTTP_DEFAULTS  # noqa: E402
 
 METRICS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")
 ADMIN_PASSWORD = "bench-admin-password"

@@ -21,12 +21,12 @@ import mlflow  # noqa: E402
 import torch  # noqa: E402
 from torch import nn, optim  # noqa: E402
 
-from pipeline.config import load_model_config  # noqa: E402
-from pipeline.data import draw_sample  # noqa: E402
-from pipeline.metric_writer import MetricWriter  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.core.config import load_model_config  # noqa: E402
+from pipeline.core.data import draw_sample  # noqa: E402
+from pipeline.core.models import build_model  # noqa: E402
+from pipeline.core.training import TrainSettings, train  # noqa: E402
+from pipeline.runs.metric_writer import MetricWriter  # noqa: E402
 from pipeline.stages.train import _log_epoch  # noqa: E402
-from pipeline.training import TrainSettings, train  # noqa: E402
 from seed_notebook import MLP3, MLP4, load_seed_data, seed_epoch  # noqa: E402
 
 

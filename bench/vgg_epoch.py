@@ -9,10 +9,11 @@ import time
 
 import torch
 
-from pipeline.config import load_model_config
-from pipeline.data import draw_sample
-from pipeline.models import build_model, count_parameters
-from pipeline.training import TrainSettings, resolve_device, train
+from pipeline.cache.machine import resolve_device
+from pipeline.core.config import load_model_config
+from pipeline.core.data import draw_sample
+from pipeline.core.models import build_model, count_parameters
+from pipeline.core.training import TrainSettings, train
 
 
 def main():

@@ -45,7 +45,7 @@ def render(page: str, points: dict) -> str:
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from pipeline.cli import entry_points
+    from pipeline.parameters import entry_points
 
     PAGE.write_text(render(PAGE.read_text(), entry_points()))
     print(f"wrote the parameter tables of {PAGE.relative_to(ROOT)}")

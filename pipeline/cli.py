@@ -3,59 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 
 from pipeline import interrupts
-from pipeline.config import PROJECT_ROOT, read_yaml
 from pipeline.errors import PipelineError
-
-
-def parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no"):
-        return False
-    raise PipelineError(f"expected true or false, got {value!r}")
-
-
-CONVERTERS = {"int": int, "float": float, "bool": parse_bool}
-
-
-@functools.cache
-def entry_points() -> dict:
-    return read_yaml(PROJECT_ROOT / "MLproject")["entry_points"]
-
-
-def _convert(stage: str, name: str, spec: dict, value: object) -> object:
-    converter = CONVERTERS.get(spec.get("type", "string"), str)
-    try:
-        return converter(value)
-    except (TypeError, ValueError, PipelineError) as err:
-        raise PipelineError(
-            f"{stage}: parameter {name} must be of type {spec.get('type')}, got {value!r}"
-        ) from err
-
-
-def stage_params(stage: str, overrides: dict | None = None) -> dict:
-    """A stage's parameters: MLproject defaults, then `overrides`, converted to their types."""
-    points = entry_points()
-    if stage not in points:
-        raise PipelineError(f"unknown stage {stage!r}: use one of {', '.join(points)}")
-    specs = points[stage].get("parameters", {})
-    unknown = set(overrides or {}) - set(specs)
-    if unknown:
-        raise PipelineError(
-            f"{stage} has no parameter {', '.join(sorted(unknown))}; "
-            f"its parameters are {', '.join(specs)}"
-        )
-    values = {name: spec.get("default") for name, spec in specs.items()}
-    values.update(overrides or {})
-    return {name: _convert(stage, name, specs[name], value) for name, value in values.items()}
+from pipeline.parameters import entry_points, stage_params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     stage, experiment = args.pop("stage"), args.pop("experiment")
-    from pipeline import tracking, tracking_access
-    from pipeline.stages import STAGES
+    from pipeline.runs import tracking, tracking_access
+    from pipeline.stage_index import STAGES
 
     tracking_access.apply_http_defaults()
     quiet_progress_bars_off_a_terminal()

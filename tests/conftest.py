@@ -13,7 +13,7 @@ import os
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 # The tests' tensors are tiny: one thread is faster, and two OpenMP threads spin-waiting on a
 # 2-core machine that is busy with anything else slow a 0.02 s epoch down to over a second.
-# The train stage runs with the threads this names (pipeline.machine), here and in the stage
+# The train stage runs with the threads this names (pipeline.cache.machine), here and in the stage
 # processes the tests start.
 os.environ["OMP_NUM_THREADS"] = "1"
 
@@ -267,7 +267,7 @@ class SampleRun:
 @pytest.fixture(scope="session")
 def sample_run(tracking_store, shared_tiny_mnist) -> SampleRun:
     """One real sample_data run (first 12 of each digit) on the shared tiny MNIST."""
-    from pipeline.cli import stage_params
+    from pipeline.parameters import stage_params
     from pipeline.stages import sample_data
 
     _end_active_runs()
@@ -305,3 +305,21 @@ def assert_failed(run, *fragments: str) -> str:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert mlflow.active_run() is None, "the failed run was left active"
     return message
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """A copy of the pipeline package that the key functions read instead of the real one:
+    edit it to see which stages' keys an edit changes (the code that runs stays the real one)."""
+    import shutil
+
+    from pipeline.cache import code_digest
+
+    root = tmp_path / "pipeline"
+    shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
+    for cached in (code_digest._pipeline_imports, code_digest._source_path):
+        cached.cache_clear()
+    yield root
+    for cached in (code_digest._pipeline_imports, code_digest._source_path):
+        cached.cache_clear()

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from conftest import assert_failed, runs_in
 
-from pipeline import stage_keys
-from pipeline.cli import stage_params
-from pipeline.config import load_study
+from pipeline.cache import compare_keys
+from pipeline.core.config import load_study
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
 from test_power_equivalence import CLOSE_A, CLOSE_B
 from test_workflow import (  # noqa: F401 (noisy_mnist: a fixture)
     by_stage, children_of, fake_train_run, noisy_mnist, read_csv, read_text, run_compare, run_main,
@@ -74,7 +74,7 @@ def test_compare_with_first_stage_seeds_uses_steins_test_and_says_if_the_target_
 
 def test_the_compare_cache_key_depends_on_the_analysis_parameters():
     base = stage_params("compare")
-    keys = {stage_keys.compare_key({**base, **change}, ["r1", "r2"]) for change in (
+    keys = {compare_keys.compare_key({**base, **change}, ["r1", "r2"]) for change in (
         {}, {"equivalence_margin_pp": 0.2}, {"detectable_difference_pp": 0.1},
         {"first_stage_seeds": "0,1"}, {"target_half_width_pp": 0.2})}
     assert len(keys) == 5

@@ -13,54 +13,132 @@ import pytest
 import torch
 from conftest import REPO_ROOT, write_tiny_mnist
 
-from pipeline import file_digests, machine, stage_keys, tracking
-from pipeline.cli import stage_params
+from pipeline.cache import (code_digest, compare_keys, evaluate_keys, file_digests, machine,
+                            sample_keys, train_keys)
+from pipeline import parameters
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import tracking
 
 
-@pytest.fixture
-def package_copy(tmp_path, monkeypatch):
-    """A copy of the pipeline package that the key functions read instead of the real one."""
-    root = tmp_path / "pipeline"
-    shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.setattr(tracking, "PACKAGE_ROOT", root)
-    for cached in (tracking._pipeline_imports, tracking._source_path):
-        cached.cache_clear()
-    yield root
-    for cached in (tracking._pipeline_imports, tracking._source_path):
-        cached.cache_clear()
+# The stages main runs; main itself has no key but is listed so that no edit reaches it unseen.
+KEYED = ("sample_data", "train", "evaluate", "compare", "main")
+
+
+def _codes() -> dict[str, str]:
+    return {stage: code_digest.code_version(f"pipeline.stages.{stage}") for stage in KEYED}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    source = path.read_text()
+    assert old in source, f"{old!r} is no longer in {path.name}: update this test"
+    path.write_text(source.replace(old, new, 1))
 
 
 def test_train_key_covers_every_module_train_runs_through():
-    imported = tracking._pipeline_imports("pipeline.stages.train")
-    # The ones the hand-written list used to miss: summary metrics and config parsing.
-    assert {"pipeline.comparison", "pipeline.config", "pipeline.model_spec", "pipeline.models",
-            "pipeline.training", "pipeline.machine", "pipeline.stages"} <= imported
-    assert "pipeline.stages.compare" not in imported
-    assert "pipeline.evaluation" not in imported
+    imported = code_digest._pipeline_imports("pipeline.stages.train")
+    # The ones a hand-written list would miss: summary metrics, config parsing, the machine.
+    assert {"pipeline.core.summary", "pipeline.core.config", "pipeline.core.model_spec",
+            "pipeline.core.models", "pipeline.core.training", "pipeline.cache.machine"} <= imported
+    # What does not compute a model: compare's statistics and wording, the command line, tune.
+    assert not {"pipeline.core.comparison", "pipeline.cli", "pipeline.stages.compare",
+                "pipeline.core.evaluation", "pipeline.stages.tuning.trial",
+                "pipeline.stages.sample_data"} & imported
 
 
 def test_editing_a_module_a_stage_imports_indirectly_changes_its_code_version(package_copy):
-    before = {stage: tracking.code_version(f"pipeline.stages.{stage}")
-              for stage in ("train", "compare", "sample_data")}
-    with open(package_copy / "comparison.py", "a") as source:
+    before = _codes()
+    with open(package_copy / "core" / "summary.py", "a") as source:
         source.write("\nAN_EDIT = True\n")
-    after = {stage: tracking.code_version(f"pipeline.stages.{stage}")
-             for stage in ("train", "compare", "sample_data")}
-    assert after["train"] != before["train"]  # train imports comparison for its summary
-    assert after["compare"] != before["compare"]
+    after = _codes()
+    assert after["train"] != before["train"]  # train logs the summary
+    assert after["compare"] != before["compare"]  # compare tabulates it
     assert after["sample_data"] == before["sample_data"]  # does not import it
 
 
 def test_editing_a_module_no_stage_imports_changes_no_key(package_copy):
-    before = tracking.code_version("pipeline.stages.train")
+    before = _codes()
+    with open(package_copy / "server" / "backend.py", "a") as source:
+        source.write("\nAN_EDIT = True\n")
+    assert _codes() == before
+
+
+def test_editing_one_stage_changes_no_other_stages_key(package_copy):
+    before = _codes()
     with open(package_copy / "stages" / "compare.py", "a") as source:
         source.write("\nAN_EDIT = True\n")
-    assert tracking.code_version("pipeline.stages.train") == before
+    after = _codes()
+    assert after["compare"] != before["compare"]
+    assert {s: after[s] for s in KEYED if s != "compare"} == \
+        {s: before[s] for s in KEYED if s != "compare"}
+
+
+def test_rewording_compares_conclusion_reruns_compare_only(package_copy):
+    before = _codes()
+    _edit(package_copy / "core" / "comparison.py",
+          '"Only {best} was compared: final test accuracy "',
+          '"Only {best} took part: final test accuracy "')
+    after = _codes()
+    assert after["compare"] != before["compare"]
+    assert {s: after[s] for s in KEYED if s != "compare"} == \
+        {s: before[s] for s in KEYED if s != "compare"}
+
+
+def test_editing_tune_changes_no_key_of_mains_stages(package_copy):
+    before = _codes()
+    _edit(package_copy / "stages" / "tuning" / "trial.py", '"space": space.digest,',
+          '"space": space.digest, "v": 2,')
+    for module in ("tune.py", "tuning/search.py", "tuning/report.py"):
+        with open(package_copy / "stages" / module, "a") as source:
+            source.write("\nAN_EDIT = True\n")
+    assert _codes() == before
+
+
+def test_a_command_line_help_text_retrains_nothing(package_copy):
+    before = _codes()
+    _edit(package_copy / "cli.py", "MLflow experiment to log into", "MLflow experiment to write to")
+    assert _codes() == before
+
+
+def test_a_help_text_in_mlproject_changes_no_key(tmp_path, monkeypatch):
+    """MLproject is read when a stage runs, never digested: its help texts are no input."""
+    data = write_tiny_mnist(tmp_path / "mnist")
+    keys = lambda: (sample_key(data.root), train_keys.train_key(
+        stage_params("train", {"data_dir": str(data.root)}), "a-sample-run"))
+    before = keys()
+    project = tmp_path / "MLproject"
+    text = parameters.MLPROJECT.read_text()
+    old = 'help: "passes over the training sample"'
+    assert old in text, "update this test"
+    project.write_text(text.replace(old, 'help: "How many passes over the sample"', 1))
+    monkeypatch.setattr(parameters, "MLPROJECT", project)
+    parameters.entry_points.cache_clear()
+    try:
+        assert parameters.entry_points()["train"]["parameters"]["epochs"]["help"].startswith("How")
+        assert keys() == before
+    finally:
+        parameters.entry_points.cache_clear()
+
+
+def test_the_vgg_validator_is_not_in_the_sample_key(package_copy):
+    before = _codes()
+    _edit(package_copy / "core" / "model_spec.py", 'check_keys("model", spec, VGG_KEYS, {"conv"})',
+          'check_keys("model", spec, VGG_KEYS, {"conv", "classifier"})')
+    after = _codes()
+    assert after["train"] != before["train"]
+    assert after["sample_data"] == before["sample_data"]
+    # evaluate and compare follow through the train runs they take: a retrained model is a
+    # new run id, so a new key for both.
+    evaluate = {"model_uri": ""}
+    assert evaluate_keys.evaluate_key(evaluate, "old-train-run", "sample") != \
+        evaluate_keys.evaluate_key(evaluate, "new-train-run", "sample")
+    compare = stage_params("compare")
+    assert compare_keys.compare_key(compare, ["old-train-run"]) != \
+        compare_keys.compare_key(compare, ["new-train-run"])
 
 
 def sample_key(root) -> str:
-    return stage_keys.sample_data_key(stage_params("sample_data", {"data_dir": str(root)}))
+    return sample_keys.sample_data_key(stage_params("sample_data", {"data_dir": str(root)}))
 
 
 def test_raw_files_enter_the_sample_key_by_content(tmp_path):
@@ -117,7 +195,7 @@ def test_a_file_digest_is_hashed_once_while_the_file_is_untouched(tmp_path, monk
 
 
 def train_key(**overrides) -> str:
-    return stage_keys.train_key(stage_params("train", {"device": "cpu", **overrides}), "sample-run")
+    return train_keys.train_key(stage_params("train", {"device": "cpu", **overrides}), "sample-run")
 
 
 def test_train_key_changes_with_what_changes_the_bits(monkeypatch):
@@ -173,33 +251,30 @@ def test_a_sample_drawn_into_an_empty_data_dir_is_reused_by_the_next_run(
     params = stage_params("sample_data", {"data_dir": str(tmp_path / "data"), "download": True,
                                           "samples_per_class": 5})
     first = sample_data.run(params)
-    cached = tracking.find_cached_run(stage_keys.sample_data_key(params))
+    cached = tracking.find_cached_run(sample_keys.sample_data_key(params))
     assert cached is not None and cached.info.run_id == first
 
 
-def _edit(path: Path, old: str, new: str) -> None:
-    source = path.read_text()
-    assert old in source, f"{old!r} is no longer in {path.name}: update this test"
-    path.write_text(source.replace(old, new, 1))
-
-
-def _train_code(package_copy) -> dict[str, str]:
-    return {stage: tracking.code_version(f"pipeline.stages.{stage}")
-            for stage in ("sample_data", "train", "evaluate", "compare")}
-
-
 def test_docstrings_comments_and_formatting_retrain_nothing(package_copy):
-    before = _train_code(package_copy)
-    training = package_copy / "training.py"
+    before = _codes()
+    training = package_copy / "core" / "training.py"
     _edit(training, '"""The training loop:', '"""The training loop, reworded:')
     _edit(training, "\ndef train(", "\n# why the loop is written as it is\n\n\ndef   train(")
-    assert _train_code(package_copy) == before
+    assert _codes() == before
 
 
 def test_a_change_to_the_loss_computation_retrains(package_copy):
-    before = _train_code(package_copy)
-    _edit(package_copy / "training.py", "loss = F.cross_entropy(logits.float(), yb)",
+    before = _codes()
+    _edit(package_copy / "core" / "training.py", "loss = F.cross_entropy(logits.float(), yb)",
           "loss = F.cross_entropy(logits.float(), yb, label_smoothing=0.1)")
-    after = _train_code(package_copy)
+    after = _codes()
     assert after["train"] != before["train"]
     assert after["sample_data"] == before["sample_data"]
+    # evaluate and compare follow through the train runs they take: a retrained model is a
+    # new run id, so a new key for both.
+    evaluate = {"model_uri": ""}
+    assert evaluate_keys.evaluate_key(evaluate, "old-train-run", "sample") != \
+        evaluate_keys.evaluate_key(evaluate, "new-train-run", "sample")
+    compare = stage_params("compare")
+    assert compare_keys.compare_key(compare, ["old-train-run"]) != \
+        compare_keys.compare_key(compare, ["new-train-run"])

@@ -1,4 +1,4 @@
-"""Checkpoints (pipeline.checkpoint) and resuming train() from them, without MLflow."""
+"""Checkpoints (pipeline.core.checkpoint) and resuming train() from them, without MLflow."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import checkpoint as checkpoint_module
-from pipeline import checkpoint_store
-from pipeline.checkpoint_store import CheckpointStore
-from pipeline.checkpoint import (
+from pipeline.core import checkpoint as checkpoint_module
+from pipeline.runs import checkpoint_store
+from pipeline.runs.checkpoint_store import CheckpointStore
+from pipeline.core.checkpoint import (
     KEYS,
     TRAINING_KEYS,
     clone_state,
@@ -25,11 +25,11 @@ from pipeline.checkpoint import (
     meta_differences,
     save_checkpoint,
 )
-from pipeline.config import load_model_config
-from pipeline.data import draw_sample
+from pipeline.core.config import load_model_config
+from pipeline.core.data import draw_sample
+from pipeline.core.models import build_model
+from pipeline.core.training import TrainingDiverged, TrainSettings, train
 from pipeline.errors import PipelineError
-from pipeline.models import build_model
-from pipeline.training import TrainingDiverged, TrainSettings, train
 
 SEED = 3
 EPOCHS = 3

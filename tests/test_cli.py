@@ -11,9 +11,10 @@ import mlflow
 import pytest
 from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
 
-from pipeline.cli import build_parser, main, parse_bool, stage_params
-from pipeline.config import read_yaml
+from pipeline.cli import build_parser, main
+from pipeline.core.config import read_yaml
 from pipeline.errors import PipelineError
+from pipeline.parameters import parse_bool, stage_params
 
 MLPROJECT = read_yaml(REPO_ROOT / "MLproject")
 STAGES = list(MLPROJECT["entry_points"])

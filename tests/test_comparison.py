@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from pipeline.comparison import (
+from pipeline.core.comparison import (
     RunRecord, config_table, conclusion, epochs_to_converge, holm_adjust, pairwise_tests,
     readable_table, run_table,
 )

@@ -1,4 +1,4 @@
-"""Loading MNIST through torchvision and the per-class sampling rule (pipeline.data)."""
+"""Loading MNIST through torchvision and the per-class sampling rule (pipeline.core.data)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from conftest import (
 )
 from torchvision.datasets import MNIST
 
-from pipeline.data import (
+from pipeline.core.data import (
     IMAGE_PIXELS,
     draw_sample,
     load_mnist,

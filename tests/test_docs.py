@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from pipeline.cli import entry_points
+from pipeline.parameters import entry_points
 
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("**/*.md"))]
 # Options of `python -m pipeline <stage>` that are not MLproject parameters.

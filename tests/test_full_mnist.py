@@ -14,10 +14,11 @@ from conftest import (
 )
 from mlflow import MlflowClient
 
-from pipeline.cli import stage_params
-from pipeline.data import draw_sample, per_class_indices
+from pipeline.core.data import draw_sample, per_class_indices
+from pipeline.core.sampling import parse_samples_per_class
 from pipeline.errors import PipelineError
-from pipeline.sampling import parse_samples_per_class
+from pipeline.parameters import stage_params
+from pipeline.runs import samples
 from pipeline.stages import evaluate, sample_data, train
 
 
@@ -64,8 +65,8 @@ def test_sample_data_all_logs_the_raw_files_digests_not_a_copy(whole):
     assert run.info.run_name == "sample_data-all"
     assert run.data.metrics["train_examples"] == 10 * TINY_TRAIN_PER_CLASS
     logged = {a.path for a in MlflowClient().list_artifacts(run_id, "sample")}
-    assert logged == {sample_data.RAW_DIGESTS_ARTIFACT}, "no copy of MNIST in the run"
-    digests = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{sample_data.RAW_DIGESTS_ARTIFACT}")
+    assert logged == {samples.RAW_DIGESTS_ARTIFACT}, "no copy of MNIST in the run"
+    digests = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{samples.RAW_DIGESTS_ARTIFACT}")
     assert set(digests) == {p.name for p in data.raw.iterdir()}
     assert all(len(d) == 64 for d in digests.values())
 
@@ -94,7 +95,7 @@ def test_all_finds_moved_files_by_content_and_refuses_changed_ones(whole, experi
     data, sample_run = whole
     moved = tmp_path / "elsewhere"
     shutil.move(data.root, moved)
-    assert len(sample_data.fetch_sample(sample_run, str(moved)).test.labels) == 10 * TINY_TEST_PER_CLASS
+    assert len(samples.fetch_sample(sample_run, str(moved)).test.labels) == 10 * TINY_TEST_PER_CLASS
 
     labels = moved / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
     content = bytearray(labels.read_bytes())

@@ -9,9 +9,9 @@ import time
 import mlflow
 import pytest
 
-from pipeline import metric_writer
 from pipeline.errors import PipelineError
-from pipeline.metric_writer import MetricWriter
+from pipeline.runs import metric_writer
+from pipeline.runs.metric_writer import MetricWriter
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Models built from experiments/*.yaml (pipeline.config, pipeline.models)."""
+"""Models built from experiments/*.yaml (pipeline.core.config, pipeline.core.models)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import yaml
 from conftest import REPO_ROOT
 from torch import nn
 
-from pipeline.config import load_model_config, resolve_config_path
+from pipeline.core.config import load_model_config, resolve_config_path
+from pipeline.core.models import Scale, build_model, count_parameters
 from pipeline.errors import PipelineError
-from pipeline.models import Scale, build_model, count_parameters
 
 
 # The notebook's own MLP classes, transcribed once in bench/seed_notebook.py.

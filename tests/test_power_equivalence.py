@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline.comparison import (
+from pipeline.core.comparison import (
     conclusion, config_table, minimal_detectable_difference, pairwise_tests, run_table,
     runs_for_equivalence, runs_to_detect, welch_power,
 )

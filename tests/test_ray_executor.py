@@ -19,11 +19,11 @@ from conftest import create_experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-from pipeline import checkpoint_store, tracking
-from pipeline.cli import stage_params
+from pipeline.core.training import METRIC_NAMES
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import checkpoint_store, tracking
 from pipeline.stages import main, train
-from pipeline.training import METRIC_NAMES
 
 # Values a rerun reproduces bit for bit (times are not).
 REPRODUCIBLE = [m for m in METRIC_NAMES if m != "epoch_time_s"]
@@ -312,7 +312,7 @@ def _read_bytes(path: Path) -> bytes:
 def test_a_task_sees_the_credentials_only_while_it_runs(local_ray, monkeypatch):
     """The credentials reach the task (as an argument, in memory) and leave the worker's
     environment with it: the worker serves other tasks afterwards."""
-    from pipeline import ray_cluster
+    from pipeline.scale import ray_cluster
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "during-the-task")
 
@@ -330,19 +330,20 @@ def test_the_probe_reports_the_workers_device_and_the_key_uses_it(local_ray, exp
                                                                   sample_run):
     """main's train key under Ray is the one the worker's run carries: the worker's device,
     not the driver's `auto`."""
-    from pipeline import executors, stage_keys
+    from pipeline.cache import train_keys
+    from pipeline.scale import executors
 
     probe = executors.RayExecutor(experiment.id).machine("auto")
     assert probe["device"] == "cpu" and probe["numerics"]["torch_threads"] == 1
     fit = stage_params("train", {"config": "mlp3", "data_run_id": sample_run.run_id})
     # A GPU worker under a CPU-only driver reports its GPU: the driver resolves nothing itself.
     gpu_worker = {"device": "cuda", "numerics": {**probe["numerics"], "gpu": "NVIDIA H200"}}
-    on_gpu = stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, gpu_worker)
-    assert on_gpu == stage_keys.train_key({**fit, "device": "cuda"}, sample_run.run_id,
+    on_gpu = train_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, gpu_worker)
+    assert on_gpu == train_keys.train_key({**fit, "device": "cuda"}, sample_run.run_id,
                                           gpu_worker)
-    assert on_gpu != stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe)
-    assert stage_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe) == \
-        stage_keys.train_key({**fit, "device": "cpu"}, sample_run.run_id, probe)
+    assert on_gpu != train_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe)
+    assert train_keys.train_key({**fit, "device": "auto"}, sample_run.run_id, probe) == \
+        train_keys.train_key({**fit, "device": "cpu"}, sample_run.run_id, probe)
 
 
 @pytest.mark.parametrize("overrides, named", [
@@ -374,7 +375,7 @@ def test_a_task_ray_gives_up_on_ends_failed_and_is_named(
         local_ray, experiment, shared_tiny_mnist, tmp_path, monkeypatch):
     """A worker SIGKILLed on every attempt (as by the OOM killer): Ray stops retrying, the
     other training still finishes, the study names the failed run, and no run stays RUNNING."""
-    from pipeline import executors
+    from pipeline.scale import executors
 
     monkeypatch.setattr(executors, "TASK_RETRIES", 1, raising=False)
     study = write_study(tmp_path, "oom", ["mlp4"], [0, 1], epochs=8, batch_size=2)
@@ -419,7 +420,8 @@ def test_a_stopped_study_ends_the_run_it_resumed_although_another_main_started_i
     """The cancel sweep ends every run this study's tasks own, a resumed one included (it
     keeps its first parent). The worker is stopped (SIGSTOP) so that it cannot end its run
     itself: the sweep must."""
-    from pipeline import executors, interrupts
+    from pipeline import interrupts
+    from pipeline.scale import executors
 
     monkeypatch.setattr(executors, "CANCEL_GRACE_S", 3.0)
     params = stage_params("train", {"config": "mlp4", "epochs": 200, "batch_size": 2,

@@ -21,12 +21,12 @@ from conftest import (
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-from pipeline import checkpoint_store
 from pipeline.cli import main as cli_main
-from pipeline.cli import stage_params
+from pipeline.core.training import METRIC_NAMES
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import checkpoint_store
 from pipeline.stages import main, train
-from pipeline.training import METRIC_NAMES
 
 # Batches of two (BatchNorm needs two) make an epoch on the tiny sample long enough to be
 # interrupted mid-training.
@@ -358,24 +358,24 @@ def test_main_finds_a_run_to_resume_only_under_the_same_numerics(sample_run, int
                                                                  monkeypatch):
     """main looks for runs to resume by cache key, which holds the numerics: on two threads
     it finds nothing to resume (and trains a new run), so it never meets the refusal above."""
-    from pipeline import stage_keys
+    from pipeline.cache import train_keys
 
     run = mlflow.get_run(interrupted_run)
     mlflow.set_experiment(experiment_id=run.info.experiment_id)
     params = stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16,
                                     "data_run_id": sample_run.run_id})
-    key = stage_keys.train_key(params, sample_run.run_id)
+    key = train_keys.train_key(params, sample_run.run_id)
     assert run.data.tags["pipeline.cache_key"] == key
     assert main.Ledger(force=False).decide(key, resumable=True)[1].info.run_id == interrupted_run
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert main.Ledger(force=False).decide(stage_keys.train_key(params, sample_run.run_id),
+    assert main.Ledger(force=False).decide(train_keys.train_key(params, sample_run.run_id),
                                            resumable=True) == (None, None)
 
 
 def test_a_ray_retry_resumes_only_where_the_numerics_match(interrupted_run, monkeypatch):
     """A Ray retry may land on another node: it goes on with the dead attempt's run only where
     train would accept the resume, else it ends that run FAILED and trains a new one."""
-    from pipeline import ray_tasks
+    from pipeline.scale import ray_tasks
 
     run = mlflow.get_run(interrupted_run)
     params = stage_params("train", {**SETTINGS, "epochs": 2, "batch_size": 16})

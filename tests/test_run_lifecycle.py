@@ -12,8 +12,9 @@ import pytest
 from conftest import runs_in, train_overrides
 from mlflow import MlflowClient
 
-from pipeline import interrupts, tracking
-from pipeline.cli import stage_params
+from pipeline import interrupts
+from pipeline.parameters import stage_params
+from pipeline.runs import tracking
 from pipeline.stages import train
 
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")

@@ -11,7 +11,7 @@ import mlflow
 import pytest
 from mlflow.exceptions import MlflowException
 
-from pipeline import tracking_access
+from pipeline.runs import tracking_access
 from pipeline.server.__main__ import main as server_main
 
 URI = "http://127.0.0.1:5999"

@@ -26,15 +26,16 @@ from conftest import (
 from mlflow import MlflowClient
 from scipy.special import softmax
 
-from pipeline.cli import stage_params
-from pipeline.config import load_model_config
-from pipeline import machine
-from pipeline.data import draw_sample, load_sample
+from pipeline.cache import machine
+from pipeline.core.config import load_model_config
+from pipeline.core.data import draw_sample, load_sample
+from pipeline.core.models import build_model
+from pipeline.core.training import METRIC_NAMES, TrainSettings
+from pipeline.core.training import train as train_loop
 from pipeline.errors import PipelineError
-from pipeline.models import build_model
+from pipeline.parameters import stage_params
+from pipeline.runs import samples
 from pipeline.stages import sample_data, train
-from pipeline.training import METRIC_NAMES, TrainSettings
-from pipeline.training import train as train_loop
 
 ERROR_TAG = "pipeline.error"
 STAGE_TAG = "pipeline.stage"
@@ -92,7 +93,7 @@ def test_sample_data_logs_class_counts(sample_run: SampleRun):
 def test_sample_data_logs_the_sample_as_compact_uint8_that_roundtrips(sample_run: SampleRun):
     assert {"sample_digits.png", "sample"} <= artifact_paths(sample_run.run_id)
     assert download(sample_run.run_id, "sample_digits.png").read_bytes().startswith(PNG_MAGIC)
-    path = download(sample_run.run_id, sample_data.SAMPLE_ARTIFACT)
+    path = download(sample_run.run_id, samples.SAMPLE_ARTIFACT)
     with np.load(path) as arrays:
         assert arrays["train_images"].dtype == np.uint8
         assert arrays["test_images"].dtype == np.uint8
@@ -101,7 +102,7 @@ def test_sample_data_logs_the_sample_as_compact_uint8_that_roundtrips(sample_run
     float32_bytes = 2 * 10 * SHARED_SAMPLES_PER_CLASS * 784 * 4
     assert path.stat().st_size < float32_bytes / 2
     logged = load_sample(path)
-    fetched = sample_data.fetch_sample(sample_run.run_id)
+    fetched = samples.fetch_sample(sample_run.run_id)
     expected = draw_sample(sample_run.data.root, SHARED_SAMPLES_PER_CLASS, "first",
                            download=False)
     for split in ("train", "test"):
@@ -226,7 +227,7 @@ def test_train_logs_the_same_dataset_digests_as_the_sample_run(trained: TrainedR
 
 
 def test_logged_model_loads_and_predicts_like_the_in_process_model(trained: TrainedRun):
-    sample = sample_data.fetch_sample(trained.sample.run_id)
+    sample = samples.fetch_sample(trained.sample.run_id)
     x_test = sample.test.features()
     network = mlflow.pytorch.load_model(f"runs:/{trained.run_id}/model")
     with torch.no_grad():
@@ -255,7 +256,7 @@ def test_logged_model_loads_and_predicts_like_the_in_process_model(trained: Trai
 def test_the_logged_pyfunc_answers_digits_and_probabilities(trained: TrainedRun):
     """What `mlflow models serve` serves: per image the digit and 10 probabilities, from raw
     0-255 pixels, in agreement with the network's logits."""
-    sample = sample_data.fetch_sample(trained.sample.run_id)
+    sample = samples.fetch_sample(trained.sample.run_id)
     pixels = sample.test.features().numpy()
     loaded = mlflow.pyfunc.load_model(f"runs:/{trained.run_id}/model")
     assert loaded.metadata.signature is not None

@@ -14,8 +14,8 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import two_stage
-from pipeline.comparison import (
+from pipeline.core import two_stage
+from pipeline.core.comparison import (
     minimal_detectable_difference, runs_to_detect, welch_test, welch_tost,
 )
 

@@ -30,9 +30,9 @@ from conftest import REAL_DATA_ROOT, REPO_ROOT, requires_real_mnist, subprocess_
 from mlflow import MlflowClient
 
 from pipeline import cli
+from pipeline.runs.tracking_access import HTTP_DEFAULTS
 from pipeline.server.postgres import LocalPostgres, find_bin_dir
 from pipeline.server.tracking_server import MLFLOW, TrackingServer, free_port, stop_group
-from pipeline.tracking_access import HTTP_DEFAULTS
 
 pytestmark = [
     pytest.mark.integration, requires_real_mnist,
@@ -277,7 +277,7 @@ def _answers(url: str) -> bool:
 def test_the_served_champion_answers_evaluates_digits_with_probabilities(
     tracking_store, team_server, study
 ):
-    from pipeline.stages.sample_data import fetch_sample
+    from pipeline.runs.samples import fetch_sample
 
     with talking_to(team_server.uri, TRAINER) as client:
         champion = client.get_model_version_by_alias(study.model_name, "champion")

@@ -1,4 +1,4 @@
-"""The training loop (pipeline.training), on the tiny IDX sample, without MLflow."""
+"""The training loop (pipeline.core.training), on the tiny IDX sample, without MLflow."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import load_model_config
-from pipeline.data import draw_sample
+from pipeline.cache.machine import resolve_device
+from pipeline.core.config import load_model_config
+from pipeline.core.data import draw_sample
+from pipeline.core.models import build_model
 from pipeline.errors import PipelineError
-from pipeline.machine import resolve_device
-from pipeline.models import build_model
-from pipeline.training import (
+from pipeline.core.training import (
     METRIC_NAMES,
     TrainingDiverged,
     TrainSettings,

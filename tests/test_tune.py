@@ -11,13 +11,13 @@ import pytest
 import yaml
 from conftest import download, runs_in
 
-from pipeline.cli import stage_params
-from pipeline.config import load_model_config
+from pipeline.core.config import load_model_config
 from pipeline.errors import PipelineError
-from pipeline.search_space import (
+from pipeline.parameters import stage_params
+from pipeline.core.search_space import (
     Choice, Range, load_search_space, model_config, point, train_overrides,
 )
-from pipeline.validation_split import split_indices
+from pipeline.core.validation_split import split_indices
 
 GOOD_SPACE = {
     "name": "tiny_sweep",
@@ -270,7 +270,8 @@ def test_no_trial_reads_a_test_image_or_leaks_the_password(
     import ray
     from test_ray_executor import assert_secrets_nowhere, ray_session_folder
 
-    from pipeline.data import load_sample, save_sample
+    from pipeline.core.data import load_sample, save_sample
+    from pipeline.runs import samples
     from pipeline.stages import sample_data, tune
 
     password = f"password-{uuid.uuid4().hex}"
@@ -279,7 +280,7 @@ def test_no_trial_reads_a_test_image_or_leaks_the_password(
     data_run = sample_data.run(stage_params("sample_data", {
         "data_dir": str(shared_tiny_mnist.root), "samples_per_class": 12, "download": False}))
     stored = (Path(urlparse(mlflow.get_run(data_run).info.artifact_uri).path)
-              / sample_data.SAMPLE_ARTIFACT)
+              / samples.SAMPLE_ARTIFACT)
     sample = load_sample(stored)
     sample.test.labels[:] = 200
     save_sample(sample, stored.with_suffix(".tmp.npz"))

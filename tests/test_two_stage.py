@@ -1,4 +1,4 @@
-"""Stein's two-stage procedure in its two-sample form (pipeline.two_stage), by hand.
+"""Stein's two-stage procedure in its two-sample form (pipeline.core.two_stage), by hand.
 
 The critical value is checked against a Monte Carlo of T_b - T_a and against its normal limit;
 the plan and the final test against Stein's formulas written out here. Its error rates over
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pipeline import two_stage
+from pipeline.core import two_stage
 
 FIRST_A = [0.9500, 0.9520, 0.9480, 0.9510, 0.9490]  # sd 0.158 pp
 FIRST_B = [0.9530, 0.9570, 0.9490, 0.9550, 0.9510]  # sd 0.316 pp

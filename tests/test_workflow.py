@@ -44,9 +44,9 @@ from conftest import (
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
-from pipeline.cli import stage_params
-from pipeline import registry, tracking
 from pipeline.errors import PipelineError
+from pipeline.parameters import stage_params
+from pipeline.runs import registry, samples, tracking
 from pipeline.stages import compare, evaluate, main, sample_data, train
 
 STAGE_TAG = "pipeline.stage"
@@ -256,7 +256,7 @@ def test_evaluate_logs_per_class_metrics_consistent_with_the_confusion_matrix(
         assert {f"{name}_{d}" for d in DIGITS} <= set(metrics), name
 
     # The confusion matrix is the model's own predictions on the sample's test split.
-    sample = sample_data.fetch_sample(evaluated.shared.sample_id)
+    sample = samples.fetch_sample(evaluated.shared.sample_id)
     model = mlflow.pyfunc.load_model(f"runs:/{evaluated.source_id}/model")
     predicted = model.predict(sample.test.features().numpy())["digit"].to_numpy()
     labels = sample.test.labels.numpy()
@@ -426,7 +426,7 @@ def test_compare_registers_the_most_accurate_run_as_champion(compared: Compared)
 
 
 def test_the_champion_loads_and_predicts_like_its_train_run(compared: Compared):
-    sample = sample_data.fetch_sample(compared.shared.sample_id)
+    sample = samples.fetch_sample(compared.shared.sample_id)
     x = sample.test.features().numpy()
     loaded = mlflow.pytorch.load_model(f"models:/{compared.model_name}@champion")
     original = mlflow.pytorch.load_model(f"runs:/{compared.shared.best}/model")
@@ -871,6 +871,37 @@ def test_compare_by_parent_run_id_without_a_recorded_list(experiment, shared: Sh
     assert stray in mlflow.get_run(run_id).data.tags["mlflow.note.content"]
 
 
+def _edit(path: Path, old: str, new: str) -> None:
+    source = path.read_text()
+    assert old in source, f"{old!r} is no longer in {path.name}: update this test"
+    path.write_text(source.replace(old, new, 1))
+
+
+def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, noisy_mnist,
+                                                                tmp_path, package_copy):
+    """The keys read package_copy: each edit there is what a developer's edit is to them."""
+    study_path = write_study(tmp_path / "study.yaml", configs=["mlp3"],
+                             registered_model_name=unique_model_name("code-edit"))
+    stages = ["sample_data", "train", "evaluate", "compare"]
+
+    def rerun() -> list[str]:
+        table = stages_table(run_main(study_path, noisy_mnist))
+        assert table["stage"].tolist() == stages
+        return table.loc[~table["reused"], "stage"].tolist()
+
+    assert rerun() == stages
+    _edit(package_copy / "core" / "comparison.py",
+          '"Only {best} was compared: final test accuracy "',
+          '"Only {best} took part: final test accuracy "')
+    assert rerun() == ["compare"], "compare's wording retrains nothing"
+    training = package_copy / "core" / "training.py"
+    _edit(training, '"""The training loop:', '"""The training loop, reworded:')
+    assert rerun() == [], "a docstring reruns nothing"
+    _edit(training, "loss = F.cross_entropy(logits.float(), yb)",
+          "loss = F.cross_entropy(logits.float(), yb, label_smoothing=0.1)")
+    assert rerun() == ["train", "evaluate", "compare"], "the loop's code retrains"
+
+
 def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mnist, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -1011,7 +1042,7 @@ def test_vgg11_trains_through_the_train_stage(experiment, noisy_mnist, shared: S
 
 
 def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
-    from pipeline.config import load_study
+    from pipeline.core.config import load_study
 
     with pytest.raises(PipelineError, match="seeds must be whole numbers"):
         load_study("depth_study", seeds="0,one")

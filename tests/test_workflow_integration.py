@@ -129,7 +129,7 @@ def test_mlflow_run_main_compares_both_models(study: Study):
 
 
 def test_mlflow_run_main_registers_a_champion_that_loads_and_predicts(study: Study):
-    from pipeline.stages.sample_data import fetch_sample
+    from pipeline.runs.samples import fetch_sample
 
     trains = {r.info.run_id: r.data.metrics["final_test_accuracy"]
               for r in runs_in(study.experiment, "train")}
@@ -166,7 +166,7 @@ def test_a_second_mlflow_run_reuses_every_stage(tracking_store, study: Study):
 
 def test_multi_seed_main_on_real_data_produces_grouped_artifacts(experiment):
     """Issue 4: a tiny multi-seed study (2 seeds x mlp3/mlp4, 2 epochs) on the real sample."""
-    from pipeline.cli import stage_params
+    from pipeline.parameters import stage_params
     from pipeline.stages import main
 
     parent_id = main.run(stage_params("main", {

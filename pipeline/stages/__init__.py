@@ -1,13 +1,3 @@
-"""Each stage module has a `run(params) -> run_id` taking the parameters MLproject declares."""
-
-import importlib
-
-
-class _Stages(dict):
-    """Stage name -> run function, importing a stage's module only when it is used."""
-
-    def __missing__(self, stage: str):
-        return importlib.import_module(f"pipeline.stages.{stage}").run
-
-
-STAGES = _Stages()
+"""One module per MLproject entry point, each with a `run(params) -> run_id` taking the
+parameters MLproject declares; pipeline.stage_index runs them by name. A stage wires the
+core, the cache keys, the MLflow edge and Ray together, and imports no other stage."""

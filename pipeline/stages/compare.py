@@ -7,13 +7,15 @@ import math
 import mlflow
 import pandas as pd
 
-from pipeline import plots, registry, stage_keys, tracking
-from pipeline.comparison import (
+from pipeline.cache import compare_keys
+from pipeline.core import plots
+from pipeline.runs import registry, tracking
+from pipeline.core.comparison import (
     RunRecord, config_table, conclusion, pairwise_tests, readable_table, run_table,
     two_stage_note,
 )
+from pipeline.core.training import METRIC_NAMES
 from pipeline.errors import PipelineError
-from pipeline.training import METRIC_NAMES
 
 STAGE = "compare"
 FIGURES = {
@@ -147,7 +149,7 @@ def run(params: dict) -> str:
         mlflow.set_tags({
             "mlflow.runName": "compare-" + "-vs-".join(configs.index),
             "mlflow.note.content": text,
-            tracking.CACHE_KEY_TAG: stage_keys.compare_key(params, list(runs["run_id"])),
+            tracking.CACHE_KEY_TAG: compare_keys.compare_key(params, list(runs["run_id"])),
         })
         tracking.log_params_once({"compared_runs": len(runs), "compared_configs": ",".join(configs.index)})
         _log_tables(runs, configs, pairs, text)

@@ -12,10 +12,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from pipeline import plots, stage_keys, tracking
+from pipeline.cache import evaluate_keys
+from pipeline.core import plots
+from pipeline.core.evaluation import evaluate_logits
 from pipeline.errors import PipelineError
-from pipeline.evaluation import evaluate_logits
-from pipeline.stages import sample_data
+from pipeline.runs import samples, tracking
+from pipeline.stage_index import STAGES
 
 STAGE = "evaluate"
 SOURCE_RUN_TAG = "pipeline.source_run_id"
@@ -43,7 +45,7 @@ def data_run_for(params: dict, source_run: str | None) -> str:
         trained_on = mlflow.get_run(source_run).data.params.get("sample_run_id")
         if trained_on:
             return trained_on
-    return sample_data.resolve_data_run(params)
+    return samples.resolve_data_run(params, draw=STAGES["sample_data"])
 
 
 def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
@@ -57,15 +59,15 @@ def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "evaluate", params) as run:
         source = source_run_id(params["model_uri"])
-        mlflow.set_tags({"mlflow.runName": stage_keys.evaluate_run_name(source),
+        mlflow.set_tags({"mlflow.runName": evaluate_keys.evaluate_run_name(source),
                          SOURCE_RUN_TAG: source or ""})
         if source:
             mlflow.set_tag("pipeline.model", mlflow.get_run(source).data.tags.get("pipeline.model", ""))
         data_run_id = data_run_for(params, source)
-        mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.evaluate_key(params, source, data_run_id))
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, evaluate_keys.evaluate_key(params, source, data_run_id))
         tracking.log_params_once({"sample_run_id": data_run_id})
-        sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
-        sample_data.log_sample_inputs(sample, data_run_id)
+        sample = samples.fetch_sample(data_run_id, params["data_dir"])
+        samples.log_sample_inputs(sample, data_run_id)
 
         logits = network_logits(params["model_uri"], sample.test.features().numpy())
         labels = sample.test.labels.numpy()

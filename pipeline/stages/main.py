@@ -1,15 +1,15 @@
 """main: the whole study, every stage a nested run, finished stages reused.
 
 sample_data and compare run in this process; the trainings and evaluations run on the chosen
-executor (pipeline.executors): here one after another, or side by side as Ray tasks. With
+executor (pipeline.scale.executors): here one after another, or side by side as Ray tasks. With
 `seeds: auto` a second batch of trainings follows the first, as many per config as Stein's
-two-stage procedure asks for (pipeline.auto_seeds).
+two-stage procedure asks for (pipeline.runs.auto_seeds).
 
 A stage is reused when a FINISHED run in this experiment has the same cache key: the stage,
-its parameters, the run ids it consumes and the source of the code it runs (see
-tracking.cache_key). `force=true` reruns everything. Keys and names come from
-pipeline.stage_keys, so a study whose stages are all reused never imports torch, matplotlib or
-scikit-learn: a stage's module is imported only to run it.
+its parameters, the run ids it consumes and the code it runs (see
+pipeline.cache.code_digest). `force=true` reruns everything. Keys and names come from
+pipeline.cache's key modules, so a study whose stages are all reused never imports torch,
+matplotlib or scikit-learn: a stage's module is imported only to run it.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ import mlflow
 import pandas as pd
 from mlflow.entities import Run
 
-from pipeline import auto_seeds, ray_cluster, registry, stage_keys, tracking
-from pipeline.checkpoint_store import has_checkpoint
-from pipeline.cli import stage_params
-from pipeline.config import load_study
-from pipeline.executors import Job, make_executor, report_failures
-from pipeline.stages import STAGES
+from pipeline.cache import compare_keys, evaluate_keys, sample_keys, train_keys
+from pipeline.core.config import load_study
+from pipeline.parameters import stage_params
+from pipeline.runs import auto_seeds, registry, tracking
+from pipeline.runs.checkpoint_store import has_checkpoint
+from pipeline.scale import ray_cluster
+from pipeline.scale.executors import Job, make_executor, report_failures
+from pipeline.stage_index import STAGES
 
 STAGE = "main"
 
@@ -136,8 +138,8 @@ def run(params: dict) -> str:
 def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFrame:
     ledger = Ledger(params["force"])
     data = stage_params("sample_data", {"data_dir": params["data_dir"], **study.sample})
-    data_run = ledger.step("sample_data", stage_keys.sample_data_run_name(data),
-                           stage_keys.sample_data_key(data),
+    data_run = ledger.step("sample_data", sample_keys.sample_data_run_name(data),
+                           sample_keys.sample_data_key(data),
                            lambda: STAGES["sample_data"](data))
 
     # Consumers log the sampling that made their sample, as they would when run alone.
@@ -149,8 +151,8 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
                                        "data_run_id": data_run, **sampling})
                 for config, seed in pairs]
         return fits, ledger.steps("train", [
-            (stage_keys.train_run_name(fit),
-             stage_keys.train_key(fit, data_run, executor.machine(fit["device"])), fit)
+            (train_keys.train_run_name(fit),
+             train_keys.train_key(fit, data_run, executor.machine(fit["device"])), fit)
             for fit in fits], executor, parent_run_id)
 
     fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
@@ -165,14 +167,14 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
                                           "data_run_id": data_run, **sampling})
                 for train_run in train_runs]
     ledger.steps("evaluate", [
-        (stage_keys.evaluate_run_name(train_run),
-         stage_keys.evaluate_key(scoring, train_run, data_run), scoring)
+        (evaluate_keys.evaluate_run_name(train_run),
+         evaluate_keys.evaluate_key(scoring, train_run, data_run), scoring)
         for train_run, scoring in zip(train_runs, scorings)], executor, parent_run_id)
 
     comparing = stage_params("compare", {
         "run_ids": ",".join(train_runs),
         "registered_model_name": study.registered_model_name, **analysis,
     })
-    ledger.step("compare", "compare", stage_keys.compare_key(comparing, train_runs),
+    ledger.step("compare", "compare", compare_keys.compare_key(comparing, train_runs),
                 lambda: STAGES["compare"](comparing), on_reuse=registry.restore_registration)
     return ledger.frame()

@@ -1,4 +1,8 @@
-"""train: fit one configured model on a logged sample and track everything about it."""
+"""train: fit one configured model on a logged sample and track everything about it.
+
+How a model is trained is pipeline.core.training (the loop) on pipeline.core.models; this
+module wires it to its MLflow run: the sample, the cache key, resuming, checkpoints, per-epoch
+metrics and the logged model."""
 
 from __future__ import annotations
 
@@ -15,17 +19,20 @@ import pandas as pd
 import torch
 from mlflow.models import Model, ModelSignature, infer_signature
 
-from pipeline import digit_classifier, interrupts, models, plots, stage_keys, tracking
-from pipeline.checkpoint import meta_differences
-from pipeline.checkpoint_store import CheckpointStore, fetch_checkpoint
-from pipeline.comparison import summarize
-from pipeline.config import load_model_config
+from pipeline import interrupts
+from pipeline.cache import train_keys
+from pipeline.cache.machine import numerics
+from pipeline.core import models, plots
+from pipeline.core.checkpoint import meta_differences
+from pipeline.core.config import load_model_config
+from pipeline.core.models import build_model, count_parameters
+from pipeline.core.summary import summarize
+from pipeline.core.training import METRIC_NAMES, train
 from pipeline.errors import PipelineError
-from pipeline.machine import numerics
-from pipeline.metric_writer import MetricWriter
-from pipeline.models import build_model, count_parameters
-from pipeline.stages import sample_data
-from pipeline.training import METRIC_NAMES, train
+from pipeline.runs import digit_classifier, resume, samples, tracking
+from pipeline.runs.checkpoint_store import CheckpointStore, fetch_checkpoint
+from pipeline.runs.metric_writer import MetricWriter
+from pipeline.stage_index import STAGES
 
 STAGE = "train"
 # A checkpoint continues a run only under the parameters it was made with (and the same
@@ -80,16 +87,6 @@ class OtherNumerics(PipelineError):
     """The run to resume was trained where a training's bits come out otherwise."""
 
 
-def numerics_differences(run_params: dict[str, str], device: str) -> list[str]:
-    """'name run-value vs this-value' for each machine value (the cache key's numerics, and
-    the device) the run was trained with that differs here."""
-    here = {"torch_device": device, **numerics(device)}
-    names = [n for n in here if n in run_params] + \
-        [n for n in run_params if n == "gpu" and n not in here]
-    return [f"{name} {run_params[name]} vs {tracking.format_param(here.get(name, 'none'))}"
-            for name in names if run_params[name] != tracking.format_param(here.get(name, ""))]
-
-
 def prepare_resume(params: dict) -> ResumePoint:
     """Check everything about resuming `resume_run_id` before the run is touched."""
     run_id = params["resume_run_id"]
@@ -103,8 +100,8 @@ def prepare_resume(params: dict) -> ResumePoint:
                             f"(its model is runs:/{run_id}/{MODEL_ARTIFACT})")
     checkpoint, source = fetch_checkpoint(run_id)
     config = load_model_config(params["config"])
-    settings = stage_keys.train_settings(params)
-    other_numerics = numerics_differences(run.data.params, settings.device)
+    settings = train_keys.train_settings(params)
+    other_numerics = resume.numerics_differences(run.data.params, settings.device)
     if other_numerics:
         raise OtherNumerics(
             f"resume_run_id: run {run_id} was trained with other numerics than this machine's "
@@ -134,11 +131,11 @@ def run(params: dict) -> str:
     resume = prepare_resume(params) if params["resume_run_id"] else None
     config_name = Path(params["config"]).stem
     tags = {"pipeline.model": config_name}
-    with tracking.stage_run(STAGE, stage_keys.train_run_name(params), params, tags,
+    with tracking.stage_run(STAGE, train_keys.train_run_name(params), params, tags,
                             resume_run_id=params["resume_run_id"], system_metrics=True) as run:
         config = load_model_config(params["config"])
         mlflow.set_tag("mlflow.note.content", f"{config.name}: {config.description}")
-        settings = stage_keys.train_settings(params)
+        settings = train_keys.train_settings(params)
         if settings.device.startswith("cuda") and not torch.cuda.is_available():
             raise PipelineError(f"device={params['device']}: the NVIDIA driver shows a GPU but "
                                 f"torch {torch.__version__} cannot use it (driver too old for its "
@@ -146,14 +143,14 @@ def run(params: dict) -> str:
         if resume:
             data_run_id = resume.checkpoint["meta"]["params"]["sample_run_id"]
         else:
-            data_run_id = sample_data.resolve_data_run(params)
-        mlflow.set_tag(tracking.CACHE_KEY_TAG, stage_keys.train_key(params, data_run_id))
+            data_run_id = samples.resolve_data_run(params, draw=STAGES["sample_data"])
+        mlflow.set_tag(tracking.CACHE_KEY_TAG, train_keys.train_key(params, data_run_id))
         machine = numerics(settings.device)
         tracking.log_params_once(
             {"model_config": config.name, "sample_run_id": data_run_id,
              "torch_device": settings.device, **machine}
         )
-        sample = sample_data.fetch_sample(data_run_id, params["data_dir"])
+        sample = samples.fetch_sample(data_run_id, params["data_dir"])
         # The threads the cache key names (machine.numerics), not whatever torch picked.
         torch.set_num_threads(machine["torch_threads"])
         torch.manual_seed(settings.seed)
@@ -162,7 +159,7 @@ def run(params: dict) -> str:
             print(f"resuming {config.name} run {run.info.run_id} after epoch "
                   f"{resume.epochs_done} of {settings.epochs} ({resume.source})")
         else:
-            sample_data.log_sample_inputs(sample, data_run_id)
+            samples.log_sample_inputs(sample, data_run_id)
             mlflow.log_metric("num_params", count_parameters(model))
             print(f"training {config.name} ({count_parameters(model):,} parameters) on "
                   f"{settings.device}, {settings.epochs} epochs")

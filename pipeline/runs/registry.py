@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.runs import tracking
 
 CHAMPION = "champion"
 OWNER_TAG = "pipeline.project"

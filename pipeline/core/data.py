@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from torchvision.datasets import MNIST
 
+from pipeline.core.sampling import ALL, SAMPLING_METHODS
 from pipeline.errors import PipelineError
-from pipeline.sampling import ALL, SAMPLING_METHODS
 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10

@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pipeline import interrupts, ray_cluster, tracking
+from pipeline import interrupts
 from pipeline.errors import PipelineError
-from pipeline.stages import STAGES
+from pipeline.runs import tracking
+from pipeline.scale import ray_cluster
+from pipeline.stage_index import STAGES
 
 EXECUTORS = ("local", "ray")
 # After a stop signal, tasks get this long to end their runs KILLED before they are killed.
@@ -86,7 +88,7 @@ class RayExecutor:
         if device not in self._numerics:
             import ray
 
-            from pipeline import ray_tasks
+            from pipeline.scale import ray_tasks
 
             task = ray.remote(ray_tasks.machine_numerics).options(name="machine", **self._options())
             [answer] = _wait_all([task.remote(device)])
@@ -101,7 +103,7 @@ class RayExecutor:
             return []
         import ray
 
-        from pipeline import ray_tasks
+        from pipeline.scale import ray_tasks
 
         task = ray.remote(ray_tasks.run_stage)
         credentials = ray_cluster.credentials()

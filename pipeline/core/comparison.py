@@ -13,7 +13,7 @@ Statistics, in short:
 - Power (what the study could have detected, and the runs needed to detect a stated gap) and,
   with a margin, equivalence by two one-sided tests (TOST, Holm-adjusted likewise) give each
   pair one decision: a config better, equivalent, or undecided. A `seeds: auto` study is
-  tested with Stein's two-stage procedure instead of Welch's (pipeline.two_stage).
+  tested with Stein's two-stage procedure instead of Welch's (pipeline.core.two_stage).
   docs/statistics.md has the details and the references.
 - A group whose standard deviation is below STD_TOLERANCE has no spread (the rest is floating
   point noise: accuracies are multiples of 1/N test images). If neither group has spread there
@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-from pipeline import two_stage
+from pipeline.core import two_stage
+from pipeline.core.summary import summarize
 
 # epochs_to_converge: the first epoch from which test accuracy stays within
 # CONVERGENCE_TOLERANCE (0.5 percentage points) of its mean over the last CONVERGENCE_WINDOW
@@ -85,16 +86,6 @@ def epochs_to_converge(test_accuracy: list[float]) -> float:
     if last_outside == len(accuracy) - 1:
         return math.nan
     return last_outside + 2  # the 1-based epoch after the last one outside the band
-
-
-def summarize(history: pd.DataFrame) -> dict:
-    """A run's summary: final and best test accuracy and the (first) epoch of the best."""
-    best = history.loc[history["test_accuracy"].idxmax()]
-    return {
-        "final_test_accuracy": float(history["test_accuracy"].iloc[-1]),
-        "best_test_accuracy": float(best["test_accuracy"]),
-        "best_epoch": int(best["epoch"]),
-    }
 
 
 def run_table(records: list[RunRecord]) -> pd.DataFrame:
@@ -305,7 +296,7 @@ def pairwise_tests(runs: pd.DataFrame,
     Holm-adjusted p-value (within its own family of pairs) and `significant` (adjusted p < 5%).
 
     Accuracy is tested with Welch's t-test, or, when `first_stage_seeds` names the seeds of a
-    two-stage study's first stage, with Stein's two-stage test (pipeline.two_stage), whose error
+    two-stage study's first stage, with Stein's two-stage test (pipeline.core.two_stage), whose error
     rates hold although the number of runs was chosen from the first stage's spread.
     Per pair also: the smallest difference the study could detect (POWER, 5% two-sided), the
     runs per config needed to detect `detectable_difference`, and, with an equivalence margin,

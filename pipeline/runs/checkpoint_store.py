@@ -1,14 +1,14 @@
 """Where a train run's checkpoint lives: a local file, written after each epoch, and a copy in
 the run's artifacts (`checkpoints/checkpoint.pt`) so that a resume works from another machine.
 
-Both the atomic local write (pipeline.checkpoint) and the upload, at most every
+Both the atomic local write (pipeline.core.checkpoint) and the upload, at most every
 UPLOAD_INTERVAL_ENV seconds, run in a background thread, so training waits neither on the disk
 nor on the tracking server's artifact store. Only the newest checkpoint matters: older ones not
 yet written or uploaded are skipped, not queued. The local file stays until the run
 finishes and is uploaded, so a run whose server went away can still be resumed here.
 
-pipeline.checkpoint (and with it torch) is imported where a checkpoint is read or written, not
-here: `main` asks has_checkpoint() on its torch-free path (see pipeline.stage_keys).
+pipeline.core.checkpoint (and with it torch) is imported where a checkpoint is read or written, not
+here: `main` asks has_checkpoint() on its torch-free path (see pipeline.cache).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import mlflow
 
 from pipeline import interrupts
+from pipeline.cache.file_digests import cache_root
 from pipeline.errors import PipelineError
-from pipeline.file_digests import cache_root
 
 ARTIFACT_DIR = "checkpoints"
 FILE_NAME = "checkpoint.pt"
@@ -76,7 +76,7 @@ class CheckpointStore:
         self._worker.start()
 
     def save(self, state: dict, meta: dict) -> None:
-        from pipeline.checkpoint import clone_state
+        from pipeline.core.checkpoint import clone_state
 
         with interrupts.deferred():  # a stop signal waits for a complete copy
             copy = clone_state(state)
@@ -118,7 +118,7 @@ class CheckpointStore:
         """A resumed run's folder can hold the previous attempt's newest checkpoint, which that
         attempt may not have uploaded: it counts as written and not uploaded, so it is uploaded
         (again, at worst) before the folder may go."""
-        from pipeline import checkpoint
+        from pipeline.core import checkpoint
 
         if not self.path.is_file():
             return
@@ -131,7 +131,7 @@ class CheckpointStore:
             self.saved_epoch = epochs_done
 
     def _write(self, state: dict, meta: dict) -> None:
-        from pipeline import checkpoint
+        from pipeline.core import checkpoint
 
         try:
             checkpoint.save_checkpoint(self.path, state, meta)
@@ -200,7 +200,7 @@ def _first_line(err: Exception) -> str:
 def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
     """The newest checkpoint of a run and where it came from: the local copy (at least as new
     as the uploaded one) when this machine has it, else the run's artifact."""
-    from pipeline.checkpoint import load_checkpoint
+    from pipeline.core.checkpoint import load_checkpoint
 
     local = local_dir(run_id) / FILE_NAME
     if local.is_file():
@@ -227,7 +227,7 @@ def has_checkpoint(run_id: str) -> bool:
     try:
         listed = mlflow.MlflowClient().list_artifacts(run_id, ARTIFACT_DIR)
     except Exception as err:  # noqa: BLE001 - whatever it is, the answer is unknown
-        from pipeline import tracking_access
+        from pipeline.runs import tracking_access
 
         reason = _first_line(tracking_access.explain(err) or err)
         raise PipelineError(

@@ -9,7 +9,7 @@ import pandas as pd
 from scipy.special import log_softmax
 from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-from pipeline.data import NUM_CLASSES
+from pipeline.core.data import NUM_CLASSES
 
 DIGITS = list(range(NUM_CLASSES))
 

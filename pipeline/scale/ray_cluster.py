@@ -19,8 +19,8 @@ from urllib.parse import urlparse
 
 import mlflow
 
-from pipeline import tracking, tracking_access
 from pipeline.errors import PipelineError
+from pipeline.runs import tracking, tracking_access
 
 LOCAL = ""
 # Tracking stores only a process on this machine can write to.

@@ -1,8 +1,8 @@
 """The training loop: SGD over shuffled mini-batches, then eval-mode metrics on both splits.
 
 Knows nothing about MLflow; the `on_epoch` callback is how a caller sees progress, and the
-`on_checkpoint` callback hands out the state that `resume` continues from (pipeline.checkpoint
-writes it to disk).
+`on_checkpoint` callback hands out the state that `resume` continues from
+(pipeline.core.checkpoint writes it to disk).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.core.train_settings import TrainSettings
 from pipeline.errors import PipelineError
-from pipeline.train_settings import TrainSettings
 
 METRIC_NAMES = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "epoch_time_s")
 
@@ -71,7 +71,7 @@ def train(
 
     Checkpoints: after every `checkpoint_every`-th epoch and after the last one (0: never), once
     the epoch's record has gone to `on_epoch`, `on_checkpoint(state)` gets the training state
-    (pipeline.checkpoint.TRAINING_KEYS). Its tensors are the live parameters, buffers and
+    (pipeline.core.checkpoint.TRAINING_KEYS). Its tensors are the live parameters, buffers and
     momentum, which the next epoch overwrites in place: write it before the callback returns
     (checkpoint.save_checkpoint does, synchronously), or copy it first
     (checkpoint.clone_state, or a checkpoint.BackgroundCheckpointWriter, which writes the copy

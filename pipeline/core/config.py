@@ -7,12 +7,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
+from pipeline.core.model_spec import validate_model_spec
+from pipeline.core.yaml_file import read_yaml
 from pipeline.errors import PipelineError
-from pipeline.model_spec import validate_model_spec
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENTS_DIR = PROJECT_ROOT / "experiments"
 
 
@@ -40,17 +40,6 @@ def resolve_config_path(name_or_path: str) -> Path:
     )
 
 
-def read_yaml(path: Path) -> dict:
-    text = path.read_text()
-    try:
-        content = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise PipelineError(f"{path} is not valid YAML: {err}") from err
-    if not isinstance(content, dict):
-        raise PipelineError(f"{path} must hold a YAML mapping, not {type(content).__name__}")
-    return content
-
-
 def load_model_config(name_or_path: str) -> ModelConfig:
     path = resolve_config_path(name_or_path)
     content = read_yaml(path)
@@ -70,7 +59,7 @@ def load_model_config(name_or_path: str) -> ModelConfig:
 
 @dataclass(frozen=True)
 class AutoSeeds:
-    """`seeds: auto`: Stein's two-stage procedure picks the number of seeds (pipeline.two_stage).
+    """`seeds: auto`: Stein's two-stage procedure picks the number of seeds (pipeline.core.two_stage).
     Seeds 0..first_stage-1 first, then as many more per config as its spread needs for a 95%
     interval of every difference no wider than ±half_width_pp, at most max_seeds per config."""
 

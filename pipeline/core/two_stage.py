@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import integrate, optimize, special
 
-STD_TOLERANCE = 1e-12  # as pipeline.comparison: a smaller std is floating point noise
+STD_TOLERANCE = 1e-12  # as pipeline.core.comparison: a smaller std is floating point noise
 FAR_TAIL = 1e4  # beyond this the law of T_b - T_a is the sum of the two t tails
 
 

@@ -3,7 +3,7 @@ of the training sample, score it on the validation part every epoch, log it as a
 nested under the `tune` run, and report `val_loss` to Ray Tune (ASHA decides on it).
 
 Runs in a Ray worker. It never sees the test split: the driver sends only the fit and
-validation parts. The training itself is pipeline.training.train, the loop `train` uses, with
+validation parts. The training itself is pipeline.core.training.train, the loop `train` uses, with
 the validation part in the place of the test split.
 """
 
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.cache.code_digest import cache_key
+from pipeline.cache.machine import numerics
 from pipeline.errors import PipelineError
 
 TRIAL_STAGE = "tune_trial"
@@ -56,7 +58,7 @@ class TrialContext:
 
 def run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     """The trainable: `config` is the point Optuna proposed (with the fixed values added)."""
-    from pipeline import ray_cluster
+    from pipeline.scale import ray_cluster
 
     os.environ.update(context.env)
     with ray_cluster.credentials_set(context.credentials):
@@ -69,10 +71,11 @@ def _run_trial(config: dict, data: TrialData, context: TrialContext) -> None:
     from mlflow.entities import Metric, RunTag
     from ray import tune
 
-    from pipeline import search_space, tracking
-    from pipeline.models import build_model, count_parameters
-    from pipeline.train_settings import TrainSettings
-    from pipeline.training import train
+    from pipeline.core import search_space
+    from pipeline.core.models import build_model, count_parameters
+    from pipeline.core.train_settings import TrainSettings
+    from pipeline.core.training import train
+    from pipeline.runs import tracking
 
     torch.set_num_threads(int(context.env["OMP_NUM_THREADS"]))
     # MLflow keeps the URI it first saw in this process; the trial's environment names the
@@ -126,3 +129,15 @@ def split_arrays(images: np.ndarray, labels: np.ndarray, fit: np.ndarray,
         raise PipelineError("the validation split left no images on one side; change val_size")
     flat = images.reshape(len(images), -1)
     return TrialData(flat[fit], labels[fit], flat[val], labels[val])
+
+
+def trial_key(space, data_run_id: str, threads: int, device: str) -> str:
+    """What makes two sweep trials interchangeable: the sweep's space, epochs, split, seed and
+    ASHA rules (`space.digest`, not the number of trials), the sample, the trial's code and
+    what changes its bits here (torch build, the trial's threads, the processor or GPU).
+    Kept with the trial so that tune's keys enter no key of main's stages."""
+    identity = {
+        "space": space.digest, "data_run_id": data_run_id, "device": device,
+        "numerics": {**numerics(device), "torch_threads": threads},
+    }
+    return cache_key(TRIAL_STAGE, identity, __name__)

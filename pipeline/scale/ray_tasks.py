@@ -27,7 +27,7 @@ def machine_numerics(device: str) -> dict:
     """What `device` resolves to on this worker, with this task's resources (`auto` takes a
     GPU only where Ray gave the task one), and machine.numerics as a training there sees it."""
     _as_a_worker()
-    from pipeline.machine import numerics, resolve_device
+    from pipeline.cache.machine import numerics, resolve_device
 
     resolved = resolve_device(device)
     return {"device": resolved, "numerics": numerics(resolved)}
@@ -42,7 +42,7 @@ def run_stage(stage: str, params: dict, parent_run_id: str, credentials: dict) -
     left RUNNING by the task id and continues it from its checkpoint.
     """
     _as_a_worker()
-    from pipeline import ray_cluster
+    from pipeline.scale import ray_cluster
 
     with ray_cluster.credentials_set(credentials):
         return _run_stage(stage, params, parent_run_id)
@@ -51,10 +51,12 @@ def run_stage(stage: str, params: dict, parent_run_id: str, credentials: dict) -
 def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     import ray
 
-    from pipeline import interrupts, ray_cluster, tracking
-    from pipeline.checkpoint_store import has_checkpoint
+    from pipeline import interrupts
     from pipeline.errors import PipelineError
-    from pipeline.stages import STAGES
+    from pipeline.runs import tracking
+    from pipeline.runs.checkpoint_store import has_checkpoint
+    from pipeline.scale import ray_cluster
+    from pipeline.stage_index import STAGES
 
     started = time.perf_counter()
     context = ray.get_runtime_context()
@@ -105,8 +107,8 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
 
 def _other_numerics(run, params: dict) -> str:
     """How the machine `run` was trained on differs from this worker's ('' when it does not)."""
-    from pipeline.machine import resolve_device
-    from pipeline.stages.train import numerics_differences
+    from pipeline.cache.machine import resolve_device
+    from pipeline.runs.resume import numerics_differences
 
     return "; ".join(numerics_differences(run.data.params, resolve_device(params["device"])))
 

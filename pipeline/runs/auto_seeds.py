@@ -1,4 +1,4 @@
-"""main with `seeds: auto`: the second stage of Stein's two-stage procedure (pipeline.two_stage).
+"""main with `seeds: auto`: the second stage of Stein's two-stage procedure (pipeline.core.two_stage).
 
 The plan is a function of the first stage's final test accuracies only, and those runs are
 reused from the cache on a rerun, so an interrupted auto study recomputes the same plan and
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import mlflow
 
-from pipeline import two_stage
-from pipeline.config import Study
+from pipeline.core import two_stage
+from pipeline.core.config import Study
 
 
 def second_stage(study: Study, fits: list[dict], train_runs: list[str]) -> list[tuple[str, int]]:

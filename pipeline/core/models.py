@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.data import IMAGE_PIXELS, NUM_CLASSES
-from pipeline.model_spec import POOL, validate_model_spec
+from pipeline.core.data import IMAGE_PIXELS, NUM_CLASSES
+from pipeline.core.model_spec import POOL, validate_model_spec
 
 
 class Scale(nn.Module):

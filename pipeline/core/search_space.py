@@ -14,9 +14,9 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from pipeline.config import read_yaml, resolve_config_path
+from pipeline.core.config import read_yaml, resolve_config_path
+from pipeline.core.model_spec import check_keys, validate_model_spec
 from pipeline.errors import PipelineError
-from pipeline.model_spec import check_keys, validate_model_spec
 
 TOP_KEYS = {"name", "description", "trials", "epochs", "val_size", "seed", "normalize",
             "registered_model_name", "asha", "space"}
