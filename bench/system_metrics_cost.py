@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: E402
 
 from full_mnist_epoch import epoch_times as training_epoch_times  # noqa: E402
-from pipeline import tracking  # noqa: E402
+from pipeline.runs import tracking  # noqa: E402
 from pipeline.core.data import draw_sample  # noqa: E402
 
 

@@ -30,11 +30,12 @@ from test_interrupts import Stage
 from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, assert_secrets_nowhere, history,
                                stages_table, study_params, train_runs, write_study)
 
-from pipeline import checkpoint_store, ray_cluster, tracking
 from pipeline.cli import stage_params
+from pipeline.core.training import METRIC_NAMES
+from pipeline.runs import checkpoint_store, tracking
+from pipeline.scale import ray_cluster
 from pipeline.server.tracking_server import TrackingServer
 from pipeline.stages import main, train
-from pipeline.training import METRIC_NAMES
 
 pytestmark = pytest.mark.integration
 
