@@ -120,6 +120,17 @@ def test_a_help_text_in_mlproject_changes_no_key(tmp_path, monkeypatch):
         parameters.entry_points.cache_clear()
 
 
+def _assert_evaluate_and_compare_follow_the_train_runs() -> None:
+    """evaluate and compare are keyed on the train runs they take: a retrained model is a new
+    run id, so a new key for both."""
+    evaluate = {"model_uri": ""}
+    assert evaluate_keys.evaluate_key(evaluate, "old-train-run", "sample") != \
+        evaluate_keys.evaluate_key(evaluate, "new-train-run", "sample")
+    compare = stage_params("compare")
+    assert compare_keys.compare_key(compare, ["old-train-run"]) != \
+        compare_keys.compare_key(compare, ["new-train-run"])
+
+
 def test_the_vgg_validator_is_not_in_the_sample_key(package_copy):
     before = _codes()
     _edit(package_copy / "core" / "model_spec.py", 'check_keys("model", spec, VGG_KEYS, {"conv"})',
@@ -127,14 +138,7 @@ def test_the_vgg_validator_is_not_in_the_sample_key(package_copy):
     after = _codes()
     assert after["train"] != before["train"]
     assert after["sample_data"] == before["sample_data"]
-    # evaluate and compare follow through the train runs they take: a retrained model is a
-    # new run id, so a new key for both.
-    evaluate = {"model_uri": ""}
-    assert evaluate_keys.evaluate_key(evaluate, "old-train-run", "sample") != \
-        evaluate_keys.evaluate_key(evaluate, "new-train-run", "sample")
-    compare = stage_params("compare")
-    assert compare_keys.compare_key(compare, ["old-train-run"]) != \
-        compare_keys.compare_key(compare, ["new-train-run"])
+    _assert_evaluate_and_compare_follow_the_train_runs()
 
 
 def sample_key(root) -> str:
@@ -270,11 +274,4 @@ def test_a_change_to_the_loss_computation_retrains(package_copy):
     after = _codes()
     assert after["train"] != before["train"]
     assert after["sample_data"] == before["sample_data"]
-    # evaluate and compare follow through the train runs they take: a retrained model is a
-    # new run id, so a new key for both.
-    evaluate = {"model_uri": ""}
-    assert evaluate_keys.evaluate_key(evaluate, "old-train-run", "sample") != \
-        evaluate_keys.evaluate_key(evaluate, "new-train-run", "sample")
-    compare = stage_params("compare")
-    assert compare_keys.compare_key(compare, ["old-train-run"]) != \
-        compare_keys.compare_key(compare, ["new-train-run"])
+    _assert_evaluate_and_compare_follow_the_train_runs()

@@ -27,8 +27,9 @@ import pytest
 from conftest import Experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
-from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, assert_secrets_nowhere, history,
-                               stages_table, study_params, train_runs, write_study)
+from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, _wait_for_line,
+                               assert_secrets_nowhere, history, stages_table, study_params,
+                               train_runs, write_study)
 
 from pipeline.cli import stage_params
 from pipeline.core.training import METRIC_NAMES
@@ -211,14 +212,6 @@ def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
     assert epochs == {r.info.run_id: len(MlflowClient().get_metric_history(r.info.run_id,
                                                                            "train_loss"))
                       for r in trains}
-
-
-def _wait_for_line(stage: Stage, start: str, text: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(line.startswith(start) and text in line for line in stage.lines):
-        if stage.process.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"never printed {start}...{text}:\n" + "\n".join(stage.lines[-30:]))
-        time.sleep(0.1)
 
 
 def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
