@@ -28,15 +28,14 @@ from conftest import Experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
 from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, _wait_for_line,
+                               assert_as_an_undisturbed_training,
                                assert_secrets_nowhere, history, stages_table, study_params,
                                train_runs, write_study)
 
-from pipeline.cli import stage_params
-from pipeline.core.training import METRIC_NAMES
 from pipeline.runs import checkpoint_store, tracking
 from pipeline.scale import ray_cluster
 from pipeline.server.tracking_server import TrackingServer
-from pipeline.stages import main, train
+from pipeline.stages import main
 
 pytestmark = pytest.mark.integration
 
@@ -251,14 +250,7 @@ def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
           f"{logged} epoch(s) logged; retried on node {ids['head'][:12]}: {resuming}")
 
     # The same training in this process, undisturbed.
-    accepted = stage_params("train")
-    undisturbed = train.run(stage_params("train", {
-        k: v for k, v in resumed.data.params.items() if k in accepted and k != "resume_run_id"}))
-    got, want = history(resumed.info.run_id), history(undisturbed)
-    for metric in METRIC_NAMES:
-        assert [step for step, _ in got[metric]] == list(range(1, epochs + 1)), metric
-    for metric in REPRODUCIBLE:
-        assert got[metric] == want[metric], metric
+    assert_as_an_undisturbed_training(resumed, epochs)
 
 
 def _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes: RayNodes,

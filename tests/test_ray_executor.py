@@ -230,6 +230,12 @@ def test_a_killed_worker_is_retried_and_its_run_resumes_to_the_undisturbed_resul
 
     # The same training in this process, undisturbed.
     mlflow.set_experiment(experiment_id=experiment.id)
+    assert_as_an_undisturbed_training(resumed, epochs)
+
+
+def assert_as_an_undisturbed_training(resumed, epochs: int) -> None:
+    """One point per epoch, each reproducible value == the same training run in this process
+    (in the current experiment) without interruption."""
     accepted = stage_params("train")
     undisturbed = train.run(stage_params("train", {
         k: v for k, v in resumed.data.params.items() if k in accepted and k != "resume_run_id"}))

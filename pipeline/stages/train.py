@@ -29,9 +29,10 @@ from pipeline.core.models import build_model, count_parameters
 from pipeline.core.summary import summarize
 from pipeline.core.training import METRIC_NAMES, train
 from pipeline.errors import PipelineError
-from pipeline.runs import digit_classifier, resume, samples, tracking
+from pipeline.runs import digit_classifier, samples, tracking
 from pipeline.runs.checkpoint_store import CheckpointStore, fetch_checkpoint
 from pipeline.runs.metric_writer import MetricWriter
+from pipeline.runs.resume import numerics_differences
 from pipeline.stage_index import STAGES
 
 STAGE = "train"
@@ -101,7 +102,7 @@ def prepare_resume(params: dict) -> ResumePoint:
     checkpoint, source = fetch_checkpoint(run_id)
     config = load_model_config(params["config"])
     settings = train_keys.train_settings(params)
-    other_numerics = resume.numerics_differences(run.data.params, settings.device)
+    other_numerics = numerics_differences(run.data.params, settings.device)
     if other_numerics:
         raise OtherNumerics(
             f"resume_run_id: run {run_id} was trained with other numerics than this machine's "
