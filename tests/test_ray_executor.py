@@ -15,7 +15,7 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
-from conftest import create_experiment, runs_in, subprocess_env
+from conftest import create_experiment, runs_in, subprocess_env, use_new_experiment
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
@@ -174,6 +174,40 @@ def test_ray_gives_the_runs_and_cache_keys_of_the_local_executor(
                                                             "evaluate-mlp3-seed1"]
     statuses = {r.info.status for r in runs_in(experiment)}
     assert statuses == {"FINISHED"}
+
+
+def test_the_next_study_reuses_a_worker_trains_as_a_fresh_one_and_logs_in_its_experiment(
+        local_ray, tracking_store, shared_tiny_mnist, tmp_path):
+    """One worker pool for every study (nothing per study in a task's runtime_env, where Ray
+    would start new workers for it): a worker that trained and evaluated for one study trains
+    the next study's model bit for bit as a fresh process does, and each study's runs land
+    in its own experiment."""
+    first_experiment = use_new_experiment(tracking_store, "first study")
+    first = write_study(tmp_path, "first", ["mlp4"], [1], epochs=2)
+    main.run(study_params(first, shared_tiny_mnist.root, executor="ray"))
+    first_workers = {worker_pid(r) for r in runs_in(first_experiment) if worker_pid(r)}
+
+    second_experiment = use_new_experiment(tracking_store, "second study")
+    second = write_study(tmp_path, "second", ["mlp3"], [0], epochs=3)
+    parent = main.run(study_params(second, shared_tiny_mnist.root, executor="ray"))
+    [trained] = train_runs(second_experiment, parent).values()
+    assert worker_pid(trained) in first_workers, "the second study started new Ray workers"
+
+    def stage_runs(experiment) -> set[str]:
+        return {r.info.run_name for r in runs_in(experiment)
+                if r.data.tags[tracking.STAGE_TAG] in ("main", "train", "evaluate")}
+
+    assert stage_runs(first_experiment) == {"main-first", "train-mlp4-seed1",
+                                            "evaluate-mlp4-seed1"}
+    assert stage_runs(second_experiment) == {"main-second", "train-mlp3-seed0",
+                                             "evaluate-mlp3-seed0"}
+    assert_as_an_undisturbed_training(trained, 3)  # in this process, a fresh training
+
+
+def worker_pid(run) -> int | None:
+    """The PID of the Ray worker that ran `run` (its pipeline.ray_worker tag), if one did."""
+    worker = run.data.tags.get("pipeline.ray_worker")
+    return int(worker.rsplit(" ", 1)[1]) if worker else None
 
 
 def test_a_failed_training_is_named_and_the_others_finish(local_ray, experiment,

@@ -79,8 +79,7 @@ class RayExecutor:
         ray_cluster.check_resources(self.cpus, self.gpus)
 
     def _options(self) -> dict:
-        return {"num_cpus": self.cpus, "num_gpus": self.gpus,
-                "runtime_env": {"env_vars": ray_cluster.worker_env(self.experiment_id, self.cpus)}}
+        return ray_cluster.task_options(self.cpus, self.gpus)
 
     def machine(self, device: str) -> dict:
         """The device `device` resolves to on a worker with this allotment, and the numerics a
@@ -106,14 +105,14 @@ class RayExecutor:
         from pipeline.scale import ray_tasks
 
         task = ray.remote(ray_tasks.run_stage)
-        credentials = ray_cluster.credentials()
+        study, credentials = ray_cluster.study_env(self.experiment_id), ray_cluster.credentials()
         refs = []
         started = time.perf_counter()
         for job in jobs:
             print(f"[main] {job.label}: sent to Ray ({self.cpus} CPU, {self.gpus:g} GPU)")
             refs.append(task.options(name=job.label, max_retries=TASK_RETRIES,
                                      retry_exceptions=False, **self._options())
-                        .remote(job.stage, job.params, parent_run_id, credentials))
+                        .remote(job.stage, job.params, parent_run_id, study, credentials))
         tasks = [_Task(job, ref.task_id().hex()) for job, ref in zip(jobs, refs)]
         try:
             results = _wait_all(refs)

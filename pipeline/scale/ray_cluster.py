@@ -25,10 +25,12 @@ from pipeline.runs import tracking, tracking_access
 LOCAL = ""
 # Tracking stores only a process on this machine can write to.
 LOCAL_STORE_SCHEMES = ("", "file", "sqlite")
-# What a worker needs of the driver's environment to log where the driver logs. Goes in the
-# task's runtime_env, which Ray's runtime-env agent writes to its log on every node: nothing
-# secret here (see CREDENTIAL_ENV). Nor PIPELINE_CACHE_DIR: it names a folder on the driver's
-# machine, and each node keeps its own cache (its raylet's environment, which its workers get).
+# What a worker needs of the driver's environment to log where the driver logs: a task
+# argument (study_env), set in the worker's environment only while the task runs. Not in the
+# task's runtime_env: Ray starts a new pool of workers for each distinct runtime_env, so a
+# per-study value there would make every study pay fresh workers' start-up (seconds of
+# imports each). Nor PIPELINE_CACHE_DIR: it names a folder on the driver's machine, and each
+# node keeps its own cache (its raylet's environment, which its workers get).
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
@@ -129,14 +131,47 @@ def refuse_local_store(address: str, uri: str) -> None:
         )
 
 
-def worker_env(experiment_id: str, threads: int) -> dict[str, str]:
-    """Environment for a task: where to log, and the torch threads its CPU allotment allows."""
+def study_env(experiment_id: str) -> dict[str, str]:
+    """Where a task logs (the study's tracking URI and experiment) and the driver's tracking
+    settings: a task argument, in the worker's environment only while the task runs."""
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     env.update({"MLFLOW_TRACKING_URI": worker_tracking_uri(),
-                "MLFLOW_EXPERIMENT_ID": experiment_id, "OMP_NUM_THREADS": str(threads),
-                # Download bars from every worker would bury the epoch lines.
-                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"})
+                "MLFLOW_EXPERIMENT_ID": experiment_id})
     return env
+
+
+def pool_env(threads: int) -> dict[str, str]:
+    """A worker's environment from its start: what must hold before it imports torch, and is
+    the same for every study, so that one pool of workers serves them all (runtime_env)."""
+    return {"OMP_NUM_THREADS": str(threads),
+            # Download bars from every worker would bury the epoch lines.
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+
+
+def worker_env(experiment_id: str, threads: int) -> dict[str, str]:
+    """Everything a task's worker needs of the driver: `study_env` and `pool_env` together."""
+    return {**study_env(experiment_id), **pool_env(threads)}
+
+
+def task_options(cpus: int, gpus: float) -> dict:
+    """Ray options of a study's task: its resources, and the pool of workers it runs in."""
+    return {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": pool_env(cpus)}}
+
+
+def warm_workers(cpus: int, gpus: float) -> None:
+    """Start, without waiting, one worker per task the cluster can run at once, each importing
+    what a training imports (ray_tasks.warm_up): their start-up overlaps with what the driver
+    does first (sample_data), and the study's tasks then find workers ready in their pool."""
+    import ray
+
+    from pipeline.scale import ray_tasks
+
+    slots = sum(int(min(r.get("CPU", 0) // cpus, r.get("GPU", 0) // gpus if gpus else
+                        float("inf")))
+                for r in (node["Resources"] for node in ray.nodes() if node.get("Alive")))
+    task = ray.remote(ray_tasks.warm_up).options(name="warm_up", **task_options(cpus, gpus))
+    for _ in range(slots):
+        task.remote()
 
 
 def _this_machine_addresses() -> set[str]:
@@ -164,9 +199,11 @@ def other_machines() -> list[str]:
 
 
 @contextmanager
-def connected(address: str = LOCAL, cpus: int = 1, gpus: float = 0.0) -> Iterator[None]:
+def connected(address: str = LOCAL, cpus: int = 1, gpus: float = 0.0,
+              warm: bool = False) -> Iterator[None]:
     """Ray for the length of the block, with a node that can run a task of `cpus` CPUs and
-    `gpus` GPUs (else a PipelineError before any task is sent).
+    `gpus` GPUs (else a PipelineError before any task is sent); with `warm`, workers for
+    such tasks already starting (warm_workers).
 
     `address` empty: start a local Ray sized to this machine (all its cores) and shut it down
     afterwards. `auto` or `ray://host:port` (or `host:port`): join that cluster, which is left
@@ -195,6 +232,8 @@ def connected(address: str = LOCAL, cpus: int = 1, gpus: float = 0.0) -> Iterato
         if address != LOCAL and other_machines():
             refuse_local_store(address, uri)
         refuse_unsatisfiable(cpus, gpus)
+        if warm:
+            warm_workers(cpus, gpus)
         yield
     finally:
         if started:

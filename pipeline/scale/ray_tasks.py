@@ -1,11 +1,19 @@
 """What runs on a Ray worker: one stage of the study, as `python -m pipeline <stage>` would run
 it, under the study's main run. Imported by the worker, so it imports nothing heavy itself.
+
+A worker serves task after task, of one study and the next (ray_cluster.pool_env): each task
+brings its study's tracking URI, experiment and login as arguments, and leaves the worker as
+it found it. What a training depends on is set by the training itself (torch's threads and
+seed, train.run) and each run is ended by its stage (tracking.stage_run), so a reused worker
+trains as a fresh one does.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 # `mlflow run` sets these for the driver; a local Ray's workers inherit them, and a worker
 # that kept them would log into the launcher's run instead of starting its own.
@@ -14,37 +22,55 @@ NODE_TAG = "pipeline.ray_node"  # the Ray node id
 NODE_IP_TAG = "pipeline.ray_node_ip"
 
 
-def _as_a_worker() -> None:
+@contextmanager
+def _for_the_study(study: dict, credentials: dict) -> Iterator[None]:
+    """The study's environment (ray_cluster.study_env) and login in os.environ for one task,
+    and MLflow pointed at its tracking URI and experiment; the worker's own environment again
+    afterwards."""
     for name in DRIVER_ONLY_ENV:
         os.environ.pop(name, None)
     import mlflow
 
-    # MLflow caches the URI it first saw; the task's environment names the study's.
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    from pipeline.runs import tracking_access
+
+    with tracking_access.environment_set({**study, **credentials}):
+        # MLflow keeps, in the process, the URI and the experiment it was last given: a
+        # worker that served another study still holds that study's.
+        mlflow.set_tracking_uri(study["MLFLOW_TRACKING_URI"])
+        mlflow.set_experiment(experiment_id=study["MLFLOW_EXPERIMENT_ID"])
+        yield
 
 
 def machine_numerics(device: str) -> dict:
     """What `device` resolves to on this worker, with this task's resources (`auto` takes a
     GPU only where Ray gave the task one), and machine.numerics as a training there sees it."""
-    _as_a_worker()
     from pipeline.cache.machine import numerics, resolve_device
 
     resolved = resolve_device(device)
     return {"device": resolved, "numerics": numerics(resolved)}
 
 
-def run_stage(stage: str, params: dict, parent_run_id: str, credentials: dict) -> dict:
-    """Run `stage` with `params` nested under `parent_run_id`, logging with the driver's
-    tracking `credentials`; the outcome, never an exception, so the driver can wait for every
-    task and then report each failed run by name.
+def warm_up() -> int:
+    """Import what a training and an evaluation import (torch, MLflow, their stages), so that
+    the worker that ran this has paid its start-up before the study's first task arrives;
+    its PID."""
+    from pipeline.stage_index import STAGES
+
+    for stage in ("train", "evaluate"):
+        STAGES[stage]  # noqa: B018 - looking a stage up imports its module
+    return os.getpid()
+
+
+def run_stage(stage: str, params: dict, parent_run_id: str, study: dict,
+              credentials: dict) -> dict:
+    """Run `stage` with `params` nested under `parent_run_id`, logging where `study` says
+    (ray_cluster.study_env) with the driver's tracking `credentials`; the outcome, never an
+    exception, so the driver can wait for every task and then report each failed run by name.
 
     A retry of this task (Ray starts one when a worker dies) finds the run the dead attempt
     left RUNNING by the task id and continues it from its checkpoint.
     """
-    _as_a_worker()
-    from pipeline.scale import ray_cluster
-
-    with ray_cluster.credentials_set(credentials):
+    with _for_the_study(study, credentials):
         return _run_stage(stage, params, parent_run_id)
 
 

@@ -120,8 +120,8 @@ def run(params: dict) -> str:
         })
         # Joined before any stage runs: a cluster that cannot reach the tracking store, or has
         # no node that can hold a task, is refused before a sample is drawn.
-        with ray_cluster.connected(params["ray_address"], executor.cpus, executor.gpus) \
-                if executor.name == "ray" else nullcontext():
+        with ray_cluster.connected(params["ray_address"], executor.cpus, executor.gpus,
+                                   warm=True) if executor.name == "ray" else nullcontext():
             table = _run_study(study, params, executor, parent.info.run_id)
         mlflow.log_text(table.to_csv(index=False), "stages.csv")
         reused = table[table.reused]
