@@ -86,6 +86,7 @@ bench: setup
 	$(BIN)/python bench/system_metrics_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/cached_rerun.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/ray_study.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/ray_scheduler.py
 	$(BIN)/python bench/tune_sweep.py --data_dir $(DATA_DIR) --trials 6 --epochs 3
 
 clean:
