@@ -318,6 +318,8 @@ def package_copy(tmp_path, monkeypatch):
     root = tmp_path / "pipeline"
     shutil.copytree(REPO_ROOT / "pipeline", root, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(code_digest, "PACKAGE_ROOT", root)
+    # Code versions are remembered between processes: here, not in the user's ~/.cache.
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
     for cached in (code_digest._pipeline_imports, code_digest._source_path):
         cached.cache_clear()
     yield root

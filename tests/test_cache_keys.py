@@ -165,6 +165,33 @@ def test_raw_files_enter_the_sample_key_by_content(tmp_path):
     assert sample_key(data.root) != key
 
 
+def _forget_in_process(code_digest) -> None:
+    """What a new process starts with: nothing of the package read yet."""
+    for cached in (code_digest._pipeline_imports, code_digest._source_path, code_digest._code_of):
+        cached.cache_clear()
+
+
+def test_a_code_version_is_parsed_once_while_the_package_is_untouched(package_copy, monkeypatch):
+    """A cached rerun looks up a key per stage in a new process: it must not parse the
+    package's modules again, only see that none of them changed."""
+    time.sleep(file_digests.RACY_WINDOW_S + 0.1)  # files the memo may trust
+    first = _codes()
+    _forget_in_process(code_digest)
+    parsed = []
+    real_parse = code_digest.ast.parse
+    monkeypatch.setattr(code_digest.ast, "parse", lambda *a, **k: parsed.append(1) or
+                        real_parse(*a, **k))
+    assert _codes() == first
+    assert not parsed, "an untouched package was parsed again"
+
+    _edit(package_copy / "core" / "training.py", "loss = F.cross_entropy(logits.float(), yb)",
+          "loss = F.cross_entropy(logits.float(), yb, label_smoothing=0.1)")
+    _forget_in_process(code_digest)
+    after = _codes()
+    assert after["train"] != first["train"] and parsed
+    assert after["sample_data"] == first["sample_data"]
+
+
 def test_a_rewrite_with_the_same_size_and_mtime_is_hashed_again(tmp_path):
     """What `cp -p`, `rsync -t` or an editor that restores the mtime leave behind."""
     path = tmp_path / "file"

@@ -9,6 +9,7 @@ import sys
 
 import mlflow
 import pytest
+import yaml
 from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
 
 from pipeline.cli import build_parser, main
@@ -165,3 +166,9 @@ def test_a_malformed_config_exits_2_with_one_line_and_a_failed_run(tracking_stor
     [run] = runs_in(experiment)
     assert run.info.status == "FAILED"
     assert run.data.tags["pipeline.error"] == message
+
+
+def test_every_yaml_file_of_the_project_reads_as_with_pyyamls_own_safe_loader():
+    """read_yaml takes libyaml's faster parser: what it reads must not differ."""
+    for path in [REPO_ROOT / "MLproject", *sorted((REPO_ROOT / "experiments").glob("*.yaml"))]:
+        assert read_yaml(path) == yaml.load(path.read_text(), Loader=yaml.SafeLoader), path

@@ -1,6 +1,6 @@
 """A stage's code version: the digest of its module and of every pipeline module it imports,
-found by reading their source (nothing is imported, so keys cost no torch start-up), and the
-cache key built on it."""
+found by reading their source (nothing is imported, so keys cost no torch start-up), remembered
+between processes while the package is untouched, and the cache key built on it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import ast
 import functools
 import hashlib
 import json
+import os
 from pathlib import Path
+
+from pipeline.cache.file_digests import cache_root, read_memo, settled, stamp, write_memo
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = PACKAGE_ROOT.name
@@ -67,7 +70,54 @@ def code_version(stage_module: str) -> str:
     Derived, not listed by hand: a module the stage starts to use enters its key by itself.
     Taken over each module's syntax tree without docstrings, so comments, docstrings and
     formatting retrain nothing; any change to what the code does changes the key.
+
+    Parsing the package costs a fully cached rerun more than its queries, so the version is
+    remembered on disk with the stat stamps (file_digests.stamp) of the modules it read and of
+    every folder of the package: a folder's stamp moves when a module is added to it or
+    removed, which can change what an import names. A process then only stats those paths.
     """
+    memo_file = cache_root() / "code_versions.json"
+    root = str(PACKAGE_ROOT)
+    entry = read_memo(memo_file).get(root, {}).get(stage_module)
+    if isinstance(entry, dict) and _unchanged(entry.get("stamps")):
+        return entry["version"]
+    # Stamped before the files are read: a file that changes while it is read is not trusted.
+    before = _package_stamps()
+    version = _digest(stage_module)
+    read = [_source_path(name) for name in _pipeline_imports(stage_module)]
+    stamps = {path: before.get(path) for path in
+              [*read, *(path for path in before if os.path.isdir(path))]}
+    if all(value is not None and settled(value) for value in stamps.values()):
+        memo = read_memo(memo_file)
+        # Copies of the package that are gone (a test's, an old checkout's) are forgotten.
+        memo = {kept: versions for kept, versions in memo.items()
+                if isinstance(versions, dict) and os.path.isdir(kept)}
+        memo.setdefault(root, {})[stage_module] = {"stamps": stamps, "version": version}
+        write_memo(memo_file, memo)
+    return version
+
+
+def _package_stamps() -> dict[str, list[int]]:
+    """The stamp of every folder and module of the package."""
+    stamps = {}
+    for folder, subfolders, files in os.walk(PACKAGE_ROOT):
+        subfolders[:] = [name for name in subfolders if name != "__pycache__"]
+        for path in [folder, *(os.path.join(folder, name) for name in files
+                               if name.endswith(".py"))]:
+            stamps[path] = stamp(os.stat(path))
+    return stamps
+
+
+def _unchanged(stamps: object) -> bool:
+    if not isinstance(stamps, dict) or not stamps:
+        return False
+    try:
+        return all(stamp(os.stat(path)) == recorded for path, recorded in stamps.items())
+    except OSError:
+        return False
+
+
+def _digest(stage_module: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(_pipeline_imports(stage_module)):
         path = Path(_source_path(name))

@@ -1,4 +1,5 @@
-"""Content digests of input files, remembered by the file's stat stamp.
+"""Content digests of input files, remembered by the file's stat stamp; the stamp and the memo
+files themselves, which code_digest.py uses too.
 
 Hashing the four MNIST files costs about 0.2 s, on every cache lookup; a file whose stamp is
 unchanged is taken to have the same content, so its digest is read from a small JSON memo
@@ -34,7 +35,7 @@ def memo_path() -> Path:
     return cache_root() / "file_digests.json"
 
 
-def _read_memo(path: Path) -> dict:
+def read_memo(path: Path) -> dict:
     try:
         memo = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -42,7 +43,7 @@ def _read_memo(path: Path) -> dict:
     return memo if isinstance(memo, dict) else {}
 
 
-def _write_memo(path: Path, memo: dict) -> None:
+def write_memo(path: Path, memo: dict) -> None:
     """Atomic, and best effort: a read-only home only costs the next lookup a re-hash."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,18 @@ def _write_memo(path: Path, memo: dict) -> None:
         pass
 
 
+def stamp(stat: os.stat_result) -> list[int]:
+    """What changes whenever a file's (or a folder's) content does: size, mtime, ctime, inode
+    and device."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def settled(stamp_: list[int]) -> bool:
+    """Whether what carries this stamp last changed long enough ago for a memo to trust it
+    (git's racy rule, above)."""
+    return time.time_ns() - max(stamp_[1], stamp_[2]) > RACY_WINDOW_S * 1e9
+
+
 def file_digest(path: str | Path) -> str | None:
     """sha256 of the file's content, or None when there is no such file."""
     path = Path(path).resolve()
@@ -61,15 +74,14 @@ def file_digest(path: str | Path) -> str | None:
     except FileNotFoundError:
         return None
     memo_file = memo_path()
-    memo = _read_memo(memo_file)
-    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+    memo = read_memo(memo_file)
+    stamped = stamp(stat)
     entry = memo.get(str(path))
-    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+    if isinstance(entry, dict) and entry.get("stamp") == stamped:
         return entry["sha256"]
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    last_change_ns = max(stat.st_mtime_ns, stat.st_ctime_ns)
-    if time.time_ns() - last_change_ns > RACY_WINDOW_S * 1e9:
-        memo[str(path)] = {"stamp": stamp, "sha256": digest}
-        _write_memo(memo_file, memo)
+    if settled(stamped):
+        memo[str(path)] = {"stamp": stamped, "sha256": digest}
+        write_memo(memo_file, memo)
     return digest

@@ -9,7 +9,7 @@ A stage is reused when a FINISHED run in this experiment has the same cache key:
 its parameters, the run ids it consumes and the code it runs (see
 pipeline.cache.code_digest). `force=true` reruns everything. Keys and names come from
 pipeline.cache's key modules, so a study whose stages are all reused never imports torch,
-matplotlib or scikit-learn: a stage's module is imported only to run it.
+matplotlib, scikit-learn or scipy's statistics: a stage's module is imported only to run it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mlflow.entities import Run
 from pipeline.cache import compare_keys, evaluate_keys, sample_keys, train_keys
 from pipeline.core.config import load_study
 from pipeline.parameters import stage_params
-from pipeline.runs import auto_seeds, registry, tracking
+from pipeline.runs import registry, tracking
 from pipeline.runs.checkpoint_store import has_checkpoint
 from pipeline.scale import ray_cluster
 from pipeline.scale.executors import Job, make_executor, report_failures
@@ -158,6 +158,10 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
     fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
     analysis = {"equivalence_margin_pp": study.equivalence_margin_pp}
     if study.auto:
+        # Here, not at the top: its statistics import scipy, which a study with its seeds
+        # given, reused or not, never needs.
+        from pipeline.runs import auto_seeds
+
         train_runs += train(auto_seeds.second_stage(study, fits, train_runs))[1]
         analysis.update(first_stage_seeds=",".join(map(str, study.seeds)),
                         target_half_width_pp=study.auto.half_width_pp)
