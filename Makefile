@@ -79,6 +79,8 @@ serve: setup
 
 bench: setup
 	$(BIN)/python bench/train_loop.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/epoch_profile.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/compile_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/logging_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/pipeline_vs_seed.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/checkpoint_cost.py --data_dir $(DATA_DIR)

@@ -243,3 +243,36 @@ def test_invalid_checkpoint_every_is_rejected(tiny_data, every):
     with pytest.raises(PipelineError, match="checkpoint_every must be 0"):
         train(fresh_model(), *tiny_data, TrainSettings(**FAST), on_checkpoint=print,
               checkpoint_every=every)
+
+
+@pytest.mark.parametrize("name", ["mlp3", "mlp4"])
+def test_the_loop_is_bit_for_bit_the_plain_loop(tiny_data, name):
+    """What makes the loop fast (one gather per epoch into reused buffers, fused SGD, one eval
+    pass over both splits) changes no bit: the weights, BatchNorm statistics and accuracies
+    are exactly those of the loop written out plainly, with the same shuffle generator."""
+    (x_train, y_train), (x_test, y_test) = tiny_data
+    settings = TrainSettings(epochs=3, batch_size=16, device="cpu")
+    model = fresh_model(name)
+    reference = copy.deepcopy(model)
+    history = train(model, *tiny_data, settings)
+
+    optimizer = torch.optim.SGD(reference.parameters(), lr=settings.lr,
+                                momentum=settings.momentum, fused=True)
+    shuffle = torch.Generator().manual_seed(settings.seed)
+    for _ in range(settings.epochs):
+        reference.train()
+        order = torch.randperm(len(y_train), generator=shuffle)
+        for batch in order.split(settings.batch_size):
+            loss = F.cross_entropy(reference(x_train[batch]), y_train[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    trained, expected = model.state_dict(), reference.state_dict()
+    assert list(trained) == list(expected)
+    for key in expected:
+        assert torch.equal(trained[key], expected[key]), f"{key} differs"
+    reference.eval()
+    with torch.no_grad():
+        for split, (x, y) in zip(("train", "test"), tiny_data):
+            accuracy = (reference(x).argmax(1) == y).double().mean().item()
+            assert history[-1][f"{split}_accuracy"] == accuracy
