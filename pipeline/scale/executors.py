@@ -77,7 +77,7 @@ class LocalExecutor:
     def machine(self, device: str) -> dict:
         return local_machine(device, self.threads)
 
-    def start(self) -> None:
+    def start(self, jobs: int | None = None) -> None:
         pass  # nothing to start: the jobs run in this process
 
     def session(self):
@@ -118,8 +118,9 @@ class PoolExecutor:
     def machine(self, device: str) -> dict:
         return local_machine(device, self.threads)
 
-    def start(self) -> None:
-        """Start the workers now; they import torch and the stages while this process goes on."""
+    def start(self, jobs: int | None = None) -> None:
+        """Start the workers now, as many as the `jobs` expected fill (up to `workers`); they
+        import torch and the stages while this process goes on. More start when needed."""
         if self._pool is not None:
             return
         env = {"MLFLOW_TRACKING_URI": ray_cluster.worker_tracking_uri(),
@@ -129,7 +130,7 @@ class PoolExecutor:
         self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
                                          initializer=_start_worker, initargs=(env,))
         # A spawn pool starts a worker per submitted call while none is idle: one call each.
-        for _ in range(self.workers):
+        for _ in range(self.workers if jobs is None else min(self.workers, jobs)):
             self._pool.submit(os.getpid)
 
     @contextmanager
@@ -160,8 +161,10 @@ class PoolExecutor:
                 # Short waits, with a signal held until each ends, so a stop is seen at once.
                 with interrupts.deferred():
                     _, pending = wait_futures(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-        except interrupts.Interrupted:
-            self._stop(job_ids)
+        except interrupts.Interrupted as stop:
+            stopped = self._stop(job_ids)
+            if stopped:  # the message names a run it ended, as when it ran in this process
+                stop.record(jobs[0].stage, stopped[0])
             raise
         seconds = round(time.perf_counter() - started, 2)
         return [self._outcome(job, job_id, future, seconds)
@@ -189,10 +192,10 @@ class PoolExecutor:
             why = "never started: a worker of the pool died"
         return Outcome(job, run_ids[0] if run_ids else None, seconds, resumed, why)
 
-    def _stop(self, job_ids: list[str]) -> None:
+    def _stop(self, job_ids: list[str]) -> list[str]:
         """Every worker gets SIGTERM, which ends a running job's run KILLED (an idle worker just
         exits); after the grace time the rest are killed, and any run of these jobs still
-        RUNNING then is ended KILLED here."""
+        RUNNING then is ended KILLED here. Returns the runs the jobs had started."""
         with interrupts.deferred():
             processes = list(self._pool._processes.values())  # no public handle on them
             for process in processes:
@@ -209,6 +212,7 @@ class PoolExecutor:
                        for run in tracking.find_runs_tagged(tracking.TASK_TAG, job_id)]
             ray_cluster.end_orphaned_runs(run_ids, "KILLED",
                                           "the study was stopped while its worker ran")
+        return run_ids
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -315,7 +319,7 @@ class RayExecutor:
     def __post_init__(self):
         ray_cluster.check_resources(self.cpus, self.gpus)
 
-    def start(self) -> None:
+    def start(self, jobs: int | None = None) -> None:
         pass  # Ray is joined by `session`, before any stage runs
 
     def session(self):

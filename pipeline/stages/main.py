@@ -137,7 +137,8 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
     data = stage_params("sample_data", {"data_dir": params["data_dir"], **study.sample})
 
     def draw() -> str:
-        executor.start()  # the workers import torch and the stages while the sample is drawn
+        # The workers import torch and the stages while the sample is drawn.
+        executor.start(len(study.configs) * len(study.seeds))
         return STAGES["sample_data"](data)
 
     data_run = ledger.step("sample_data", sample_keys.sample_data_run_name(data),
