@@ -93,15 +93,24 @@ def test_a_trainings_key_names_its_threads_not_the_jobs_or_the_cores(
                                 ray_tasks.machine_numerics("cpu")) == alone
 
 
-def test_adding_a_seed_reuses_the_other_trainings(experiment, shared_tiny_mnist, tmp_path):
+def test_adding_a_seed_reuses_the_other_trainings(experiment, shared_tiny_mnist, tmp_path,
+                                                  monkeypatch):
     first = main.run(study_params(write_study(tmp_path, "one", ["mlp3"], [0]),
                                   shared_tiny_mnist.root, workers="2"))
-    more = main.run(study_params(write_study(tmp_path, "two", ["mlp3"], [0, 1]),
-                                 shared_tiny_mnist.root, workers="2"))
+    two = write_study(tmp_path, "two", ["mlp3"], [0, 1])
+    more = main.run(study_params(two, shared_tiny_mnist.root, workers="2"))
     before, after = train_runs(experiment, first), stages_table(more).set_index("label")
     assert after.loc["train-mlp3-seed0", "reused"]
     assert after.loc["train-mlp3-seed0", "run_id"] == before["train-mlp3-seed0"].info.run_id
     assert not after.loc["train-mlp3-seed1", "reused"]
+
+    # A study with nothing left to run starts no worker process at all.
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a fully cached study started the pool")
+
+    monkeypatch.setattr(executors, "ProcessPoolExecutor", no_pool)
+    assert stages_table(main.run(study_params(two, shared_tiny_mnist.root,
+                                              workers="2"))).reused.all()
 
 
 def test_main_reuses_a_standalone_train_run_with_the_same_numerics(

@@ -197,7 +197,8 @@ class PoolExecutor:
         exits); after the grace time the rest are killed, and any run of these jobs still
         RUNNING then is ended KILLED here. Returns the runs the jobs had started."""
         with interrupts.deferred():
-            processes = list(self._pool._processes.values())  # no public handle on them
+            # No public handle on them; none left when the pool broke and ended them itself.
+            processes = list((self._pool._processes or {}).values())
             for process in processes:
                 _signal(process.pid, signal.SIGTERM)
             deadline = time.monotonic() + CANCEL_GRACE_S
