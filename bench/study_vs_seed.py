@@ -45,6 +45,7 @@ def fresh_store_env() -> tuple[dict, str]:
 
 
 def stages_table(uri: str) -> str:
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     import mlflow
 
     mlflow.set_tracking_uri(uri)
