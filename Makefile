@@ -83,6 +83,7 @@ bench: setup
 	$(BIN)/python bench/compile_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/logging_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/pipeline_vs_seed.py --data_dir $(DATA_DIR)
+	$(BIN)/python bench/study_vs_seed.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/checkpoint_cost.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/full_mnist_epoch.py --data_dir $(DATA_DIR)
 	$(BIN)/python bench/system_metrics_cost.py --data_dir $(DATA_DIR)

@@ -2,7 +2,7 @@
 and the 4-layer MLP for 20 epochs each, print per-epoch times. Transcribed from
 ../shared/seed/000_5aad04330264527e.txt (plots left out); the yardstick for bench/.
 
-    python bench/seed_notebook.py --data_dir ../shared/datasets
+    python bench/seed_notebook.py --data_dir ../shared/datasets [--models mlp3]
 """
 
 import argparse
@@ -111,8 +111,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--data_dir", default="../shared/datasets")
     parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--models", default="mlp3,mlp4",
+                        help="which models, in order (one per process: how the notebook's "
+                             "user runs it as a script per model)")
     args = parser.parse_args()
     X, Y = load_seed_data(args.data_dir)
-    for model_class in (MLP3, MLP4):
+    for model_class in ({"mlp3": MLP3, "mlp4": MLP4}[name] for name in args.models.split(",")):
         accuracies, _ = train_seed_model(model_class, X, Y, args.epochs)
         print(f"{model_class.__name__}: final test accuracy {float(accuracies['test'][-1]):.4f}")

@@ -64,7 +64,7 @@ def installed() -> Iterator[None]:
     previous = {signum: signal.signal(signum, _handle) for signum in HANDLED}
     _stopping = False
     if os.environ.get("MLFLOW_RUN_ID") and _under_mlflow_run():
-        _stop_with_parent()
+        stop_with_parent()
     try:
         yield
     finally:
@@ -81,7 +81,7 @@ def _under_mlflow_run() -> bool:
         return False
 
 
-def _stop_with_parent() -> None:
+def stop_with_parent() -> None:
     """SIGTERM to `mlflow run` kills it outright (no handler), leaving its child training on
     with nobody waiting. Ask Linux to send us SIGTERM when our parent dies, so the stage ends
     its runs KILLED instead."""

@@ -892,7 +892,8 @@ def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, nois
     stages = ["sample_data", "train", "evaluate", "compare"]
 
     def rerun() -> list[str]:
-        table = stages_table(run_main(study_path, noisy_mnist))
+        # In this process: the stage computes its run's key with the patched package too.
+        table = stages_table(run_main(study_path, noisy_mnist, workers="1"))
         assert table["stage"].tolist() == stages
         return table.loc[~table["reused"], "stage"].tolist()
 
@@ -1005,8 +1006,8 @@ def test_main_stops_when_a_train_child_fails(experiment, noisy_mnist, tmp_path):
     study_path = write_study(tmp_path / "diverge.yaml", configs=["mlp3", "mlp4"],
                              registered_model_name=unique_model_name("diverge"),
                              train_settings={**TRAIN, "lr": 1e10})
-    with pytest.raises(PipelineError, match="nan"):
-        run_main(study_path, noisy_mnist)
+    with pytest.raises(PipelineError, match="nan"):  # one after another (the pool: test_local_pool)
+        run_main(study_path, noisy_mnist, workers="1")
     parent = only_run(experiment, "main")
     assert_failed(parent, "nan")
     children = by_stage(children_of(experiment, parent.info.run_id))

@@ -1,20 +1,36 @@
-"""Where a study's trainings and evaluations run: one after another in this process (`local`),
-or side by side as Ray tasks (`ray`), on this machine or on a cluster.
+"""Where a study's trainings and evaluations run: on this machine's cores (`local`), side by
+side in a pool of worker processes or one after another in this process, or side by side as
+Ray tasks (`ray`), on this machine or on a cluster.
 
 Either way each job is the same stage code with the same parameters, nested under the study's
 main run, so the runs, their names, tags, params, metrics, artifacts and cache keys are the
-same; only the torch threads differ (a Ray task gets `cpus_per_trial`, and its cache key says
-so, as numerics the worker itself reports).
+same. A training's torch threads come from a setting (`threads` locally, `cpus_per_trial` on
+Ray), never from how many jobs run at once or how many cores there are, and its cache key names
+them (machine.numerics): adding a seed, or a machine with more cores, changes no result.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import sys
 import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
+from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Iterator
+
+import psutil
 
 from pipeline import interrupts
+from pipeline.cache.machine import THREADS_ENV, numerics, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.runs import tracking
+from pipeline.runs.tracking_access import environment_set
 from pipeline.scale import ray_cluster
 from pipeline.stage_index import STAGES
 
@@ -23,6 +39,8 @@ EXECUTORS = ("local", "ray")
 CANCEL_GRACE_S = 20.0
 # Attempts after the first when a task's worker dies (killed, out of memory, node lost).
 TASK_RETRIES = 3
+# What a pool worker imports before its first job, while main draws the sample.
+WARM_IMPORTS = ("torch", "mlflow", "pipeline.stages.train", "pipeline.stages.evaluate")
 
 
 @dataclass
@@ -41,25 +59,248 @@ class Outcome:
     error: str | None = None
 
 
+def local_machine(device: str, threads: int) -> dict:
+    """The device `device` resolves to here, and the numerics of a training with `threads`
+    torch threads: what its cache key holds, whichever local executor runs it."""
+    resolved = resolve_device(device)
+    return {"device": resolved, "numerics": {**numerics(resolved), "torch_threads": threads}}
+
+
 @dataclass
 class LocalExecutor:
-    """Today's path: each job in this process, in order; the first failure stops the study."""
+    """workers=1: each job in this process, in order, with `threads` torch threads; the first
+    failure stops the study."""
 
+    threads: int = 1
     name: str = "local"
 
-    def machine(self, device: str) -> dict | None:
-        return None  # this process's own (machine.numerics)
+    def machine(self, device: str) -> dict:
+        return local_machine(device, self.threads)
+
+    def start(self, jobs: int | None = None) -> None:
+        pass  # nothing to start: the jobs run in this process
+
+    def session(self):
+        return nullcontext()
 
     def run(self, jobs: list[Job], parent_run_id: str) -> list[Outcome]:
         outcomes = []
-        for job in jobs:
-            started = time.perf_counter()
-            if not job.params.get("resume_run_id"):
-                print(f"[main] {job.label}: running")
-            run_id = STAGES[job.stage](job.params)
-            outcomes.append(Outcome(job, run_id, round(time.perf_counter() - started, 2),
-                                    job.params.get("resume_run_id", "")))
+        # train takes its threads from OMP_NUM_THREADS (machine.torch_threads), here main's.
+        with environment_set({THREADS_ENV: str(self.threads)}):
+            for job in jobs:
+                started = time.perf_counter()
+                if not job.params.get("resume_run_id"):
+                    print(f"[main] {job.label}: running")
+                run_id = STAGES[job.stage](job.params)
+                outcomes.append(Outcome(job, run_id, round(time.perf_counter() - started, 2),
+                                        job.params.get("resume_run_id", "")))
         return outcomes
+
+
+@dataclass
+class PoolExecutor:
+    """Jobs side by side in `workers` processes of this machine, each training with `threads`
+    torch threads. The workers are started with `spawn` (a fork of a process that imported
+    torch or mlflow can deadlock) and import torch and the stages before their first job
+    (`start`, which main calls before it draws the sample, so the two overlap).
+
+    Like Ray's tasks: every job ends before a failure is reported; a job that raises ends its
+    run FAILED; a stop signal ends every running training KILLED, resumable from its
+    checkpoint; a worker that dies (killed, out of memory) leaves its run FAILED with the
+    reason, and the pool's other runs, which Python's pool then stops, KILLED."""
+
+    experiment_id: str
+    workers: int
+    threads: int = 1
+    name: str = "local"
+    _pool: ProcessPoolExecutor | None = None
+
+    def machine(self, device: str) -> dict:
+        return local_machine(device, self.threads)
+
+    def start(self, jobs: int | None = None) -> None:
+        """Start the workers now, as many as the `jobs` expected fill (up to `workers`); they
+        import torch and the stages while this process goes on. More start when needed."""
+        if self._pool is not None:
+            return
+        env = {"MLFLOW_TRACKING_URI": ray_cluster.worker_tracking_uri(),
+               "MLFLOW_EXPERIMENT_ID": self.experiment_id,
+               THREADS_ENV: str(self.threads),
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+        self._pool = ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn"),
+                                         initializer=_start_worker, initargs=(env,))
+        # A spawn pool starts a worker per submitted call while none is idle: one call each.
+        for _ in range(self.workers if jobs is None else min(self.workers, jobs)):
+            self._pool.submit(os.getpid)
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """The pool for the length of the block (started by `start` or the first job)."""
+        try:
+            yield
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def run(self, jobs: list[Job], parent_run_id: str) -> list[Outcome]:
+        if not jobs:
+            return []
+        self.start()
+        job_ids = [uuid.uuid4().hex for _ in jobs]
+        futures = []
+        started = time.perf_counter()
+        for job, job_id in zip(jobs, job_ids):
+            print(f"[main] {job.label}: sent to a worker ({self.threads} thread"
+                  f"{'s' if self.threads > 1 else ''})", flush=True)
+            futures.append(self._pool.submit(_run_job, job.stage, job.params, job.label,
+                                             parent_run_id, job_id))
+        try:
+            pending = set(futures)
+            while pending:
+                # Short waits, with a signal held until each ends, so a stop is seen at once.
+                with interrupts.deferred():
+                    _, pending = wait_futures(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+        except interrupts.Interrupted as stop:
+            stopped = self._stop(job_ids)
+            if stopped:  # the message names a run it ended, as when it ran in this process
+                stop.record(jobs[0].stage, stopped[0])
+            raise
+        seconds = round(time.perf_counter() - started, 2)
+        return [self._outcome(job, job_id, future, seconds)
+                for job, job_id, future in zip(jobs, job_ids, futures)]
+
+    @staticmethod
+    def _outcome(job: Job, job_id: str, future, seconds: float) -> Outcome:
+        resumed = job.params.get("resume_run_id", "")
+        error = future.exception()
+        if error is None:
+            result = future.result()
+            return Outcome(job, result["run_id"], result["seconds"], resumed, result["error"])
+        if not isinstance(error, BrokenProcessPool):
+            raise error  # a bug of ours in the pool's plumbing, not a job's failure
+        run_ids = _job_run_ids(job, job_id)
+        ended = ray_cluster.end_orphaned_runs(
+            run_ids, "FAILED", "its worker process died (killed, or out of memory?)")
+        if ended:
+            why = ("its worker process died (killed, or out of memory?); the run ends FAILED "
+                   "and resumes from its last checkpoint when the study runs again")
+        elif run_ids:
+            why = ("stopped when another worker of the pool died; it resumes from its last "
+                   "checkpoint when the study runs again")
+        else:
+            why = "never started: a worker of the pool died"
+        return Outcome(job, run_ids[0] if run_ids else None, seconds, resumed, why)
+
+    def _stop(self, job_ids: list[str]) -> list[str]:
+        """Every worker gets SIGTERM, which ends a running job's run KILLED (an idle worker just
+        exits); after the grace time the rest are killed, and any run of these jobs still
+        RUNNING then is ended KILLED here. Returns the runs the jobs had started."""
+        with interrupts.deferred():
+            # No public handle on them; none left when the pool broke and ended them itself.
+            processes = list((self._pool._processes or {}).values())
+            for process in processes:
+                _signal(process.pid, signal.SIGTERM)
+            deadline = time.monotonic() + CANCEL_GRACE_S
+            for process in processes:
+                process.join(max(0.0, deadline - time.monotonic()))
+            for process in processes:
+                if process.is_alive():
+                    _signal(process.pid, signal.SIGKILL)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            run_ids = [run.info.run_id for job_id in job_ids
+                       for run in tracking.find_runs_tagged(tracking.TASK_TAG, job_id)]
+            ray_cluster.end_orphaned_runs(run_ids, "KILLED",
+                                          "the study was stopped while its worker ran")
+        return run_ids
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it has exited already
+
+
+def _job_run_ids(job: Job, job_id: str) -> list[str]:
+    """The runs a pool job started or resumed, newest first."""
+    runs = [r.info.run_id for r in tracking.find_runs_tagged(tracking.TASK_TAG, job_id)]
+    resumed = job.params.get("resume_run_id")
+    return runs + ([resumed] if resumed and resumed not in runs else [])
+
+
+def _start_worker(env: dict[str, str]) -> None:
+    """A pool worker's start: the study's tracking store and experiment, its torch threads
+    set before torch is imported, and the imports of its jobs done before the first one."""
+    # `mlflow run` sets these for main; a worker that kept them would log into main's run.
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    # Ctrl-C reaches every process of the terminal's group: an idle worker leaves it to main,
+    # a busy one ends its run KILLED (nested_stage.run_nested installs the handler).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    interrupts.stop_with_parent()  # main killed outright: the running job ends KILLED
+    import importlib
+
+    for module in WARM_IMPORTS:
+        importlib.import_module(module)
+    import mlflow
+    import torch
+
+    torch.set_num_threads(int(env[THREADS_ENV]))
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+
+
+def _run_job(stage: str, params: dict, label: str, parent_run_id: str, job_id: str) -> dict:
+    """One job in a pool worker, its output lines prefixed with its label."""
+    from pipeline.scale.nested_stage import run_nested
+
+    started = time.perf_counter()
+    tags = {tracking.TASK_TAG: job_id, "pipeline.local_worker": f"pid {os.getpid()}"}
+    with _prefixed_output(f"({label}) "):
+        outcome = run_nested(stage, params, parent_run_id, tags)
+    outcome["seconds"] = round(time.perf_counter() - started, 2)
+    return outcome
+
+
+class _Prefixed:
+    """A text stream that starts each line with `prefix` and writes whole lines at once, so
+    the lines of workers side by side do not interleave mid-line."""
+
+    def __init__(self, stream, prefix: str):
+        self._stream, self._prefix, self._partial = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        if lines:
+            self._stream.write("".join(f"{self._prefix}{line}\n" for line in lines))
+            self._stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._stream.write(f"{self._prefix}{self._partial}")
+            self._partial = ""
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _prefixed_output(prefix: str) -> Iterator[None]:
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Prefixed(saved[0], prefix), _Prefixed(saved[1], prefix)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 @dataclass
@@ -72,11 +313,20 @@ class RayExecutor:
     experiment_id: str
     cpus: int = 1
     gpus: float = 0.0
+    address: str = ray_cluster.LOCAL
     name: str = "ray"
     _numerics: dict = field(default_factory=dict)
 
     def __post_init__(self):
         ray_cluster.check_resources(self.cpus, self.gpus)
+
+    def start(self, jobs: int | None = None) -> None:
+        pass  # Ray is joined by `session`, before any stage runs
+
+    def session(self):
+        """Joined before any stage runs: a cluster that cannot reach the tracking store, or has
+        no node that can hold a task, is refused before a sample is drawn."""
+        return ray_cluster.connected(self.address, self.cpus, self.gpus, warm=True)
 
     def _options(self) -> dict:
         return ray_cluster.task_options(self.cpus, self.gpus)
@@ -201,11 +451,31 @@ def _cancel(refs: list, tasks: list[_Task]) -> None:
 def make_executor(params: dict, experiment_id: str):
     kind = params["executor"]
     if kind not in EXECUTORS:
-        raise PipelineError(f"executor={kind!r}: use local (one training after another in this "
-                            f"process) or ray (side by side on Ray)")
-    if kind == "local":
-        return LocalExecutor()
-    return RayExecutor(experiment_id, params["cpus_per_trial"], params["gpus_per_trial"])
+        raise PipelineError(f"executor={kind!r}: use local (this machine's cores: workers side "
+                            f"by side, or workers=1 one after another in this process) or ray "
+                            f"(side by side on Ray)")
+    if kind == "ray":
+        return RayExecutor(experiment_id, params["cpus_per_trial"], params["gpus_per_trial"],
+                           params["ray_address"])
+    threads = params["threads"]
+    if threads < 1:
+        raise PipelineError(f"threads={threads}: give each training at least 1 torch thread")
+    workers = local_workers(params["workers"], threads)
+    if workers == 1:
+        return LocalExecutor(threads)
+    return PoolExecutor(experiment_id, workers, threads)
+
+
+def local_workers(workers: str, threads: int) -> int:
+    """`auto`: as many trainings as the physical cores hold at `threads` each; else the number."""
+    text = str(workers).strip()
+    if text == "auto":
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        return max(1, cores // threads)
+    if not text.isdigit() or int(text) < 1:
+        raise PipelineError(f"workers={workers!r}: use auto (physical cores // threads), 1 (one "
+                            f"after another in this process) or another positive number")
+    return int(text)
 
 
 def report_failures(outcomes: list[Outcome]) -> None:

@@ -77,12 +77,11 @@ def run_stage(stage: str, params: dict, parent_run_id: str, study: dict,
 def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
     import ray
 
-    from pipeline import interrupts
     from pipeline.errors import PipelineError
     from pipeline.runs import tracking
     from pipeline.runs.checkpoint_store import has_checkpoint
     from pipeline.scale import ray_cluster
-    from pipeline.stage_index import STAGES
+    from pipeline.scale.nested_stage import run_nested
 
     started = time.perf_counter()
     context = ray.get_runtime_context()
@@ -117,16 +116,7 @@ def _run_stage(stage: str, params: dict, parent_run_id: str) -> dict:
         ray_cluster.end_orphaned_runs([earlier.info.run_id], "FAILED",
                                       "its Ray worker died before the first checkpoint; the "
                                       "task was retried as a new run")
-    outcome = {"run_id": None, "error": None, "interrupted": False, "resumed": resumed}
-    try:
-        with interrupts.installed(), tracking.nested_under(parent_run_id, tags):
-            outcome["run_id"] = STAGES[stage](params)
-    except interrupts.Interrupted as stop:
-        outcome.update(run_id=stop.run_id, interrupted=True, error=f"interrupted by {stop}")
-    except Exception as err:  # noqa: BLE001 - reported by the driver, with the run it failed
-        runs = tracking.find_runs_tagged(tracking.TASK_TAG, task_id)
-        outcome.update(run_id=runs[0].info.run_id if runs else None,
-                       error=tracking.error_message(err).splitlines()[0])
+    outcome = {**run_nested(stage, params, parent_run_id, tags), "resumed": resumed}
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     return outcome
 

@@ -1,7 +1,8 @@
 """main: the whole study, every stage a nested run, finished stages reused.
 
 sample_data and compare run in this process; the trainings and evaluations run on the chosen
-executor (pipeline.scale.executors): here one after another, or side by side as Ray tasks. With
+executor (pipeline.scale.executors): side by side in a pool of local worker processes (or one
+after another in this process), or as Ray tasks. With
 `seeds: auto` a second batch of trainings follows the first, as many per config as Stein's
 two-stage procedure asks for (pipeline.runs.auto_seeds).
 
@@ -15,7 +16,6 @@ matplotlib, scikit-learn or scipy's statistics: a stage's module is imported onl
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
 from typing import Callable
 
 import mlflow
@@ -27,7 +27,6 @@ from pipeline.core.config import load_study
 from pipeline.parameters import stage_params
 from pipeline.runs import registry, tracking
 from pipeline.runs.checkpoint_store import has_checkpoint
-from pipeline.scale import ray_cluster
 from pipeline.scale.executors import Job, make_executor, report_failures
 from pipeline.stage_index import STAGES
 
@@ -118,10 +117,8 @@ def run(params: dict) -> str:
             "study_seeds": ",".join(map(str, study.seeds)),
             "study_epochs": study.train.get("epochs", stage_params("train")["epochs"]),
         })
-        # Joined before any stage runs: a cluster that cannot reach the tracking store, or has
-        # no node that can hold a task, is refused before a sample is drawn.
-        with ray_cluster.connected(params["ray_address"], executor.cpus, executor.gpus,
-                                   warm=True) if executor.name == "ray" else nullcontext():
+        # Ray joined, or the local pool closed at the end (executors.py).
+        with executor.session():
             table = _run_study(study, params, executor, parent.info.run_id)
         mlflow.log_text(table.to_csv(index=False), "stages.csv")
         reused = table[table.reused]
@@ -138,9 +135,14 @@ def run(params: dict) -> str:
 def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFrame:
     ledger = Ledger(params["force"])
     data = stage_params("sample_data", {"data_dir": params["data_dir"], **study.sample})
+
+    def draw() -> str:
+        # The workers import torch and the stages while the sample is drawn.
+        executor.start(len(study.configs) * len(study.seeds))
+        return STAGES["sample_data"](data)
+
     data_run = ledger.step("sample_data", sample_keys.sample_data_run_name(data),
-                           sample_keys.sample_data_key(data),
-                           lambda: STAGES["sample_data"](data))
+                           sample_keys.sample_data_key(data), draw)
 
     # Consumers log the sampling that made their sample, as they would when run alone.
     sampling = {"data_dir": data["data_dir"], "samples_per_class": data["samples_per_class"],
