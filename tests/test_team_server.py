@@ -26,19 +26,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import REAL_DATA_ROOT, REPO_ROOT, requires_real_mnist, subprocess_env
+from conftest import (REAL_DATA_ROOT, REPO_ROOT, requires_postgres, requires_real_mnist,
+                      subprocess_env)
 from mlflow import MlflowClient
 
 from pipeline import cli
 from pipeline.runs.tracking_access import HTTP_DEFAULTS
-from pipeline.server.postgres import LocalPostgres, find_bin_dir
+from pipeline.server.postgres import LocalPostgres
 from pipeline.server.tracking_server import MLFLOW, TrackingServer, free_port, stop_group
 
 pytestmark = [
-    pytest.mark.integration, requires_real_mnist,
-    pytest.mark.skipif(find_bin_dir() is None,
-                       reason="PostgreSQL's server programs are not installed "
-                              "(apt-get install postgresql; .ci/run does it)"),
+    pytest.mark.integration, requires_real_mnist, requires_postgres,
 ]
 
 ADMIN = ("admin", "admin-password-for-tests")
