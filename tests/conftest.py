@@ -84,6 +84,20 @@ def skip_or_fail(reason: str, ci: bool) -> None:
     pytest.skip(reason)
 
 
+# `make test` spreads the suite over worker processes (pytest-xdist, --dist loadgroup): a module
+# stays on one worker, so its module-scoped fixtures (servers, studies) are built once, and the
+# modules that start Ray share one worker, so two Rays never compete for the cores.
+RAY_MODULES = {"test_ray_executor", "test_ray_cluster_nodes", "test_tune"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            module = item.module.__name__.rpartition(".")[2]
+            item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+
+
 def pytest_runtest_setup(item):
     reason = missing_requirement(item)
     if reason:
