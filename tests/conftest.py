@@ -85,17 +85,14 @@ def skip_or_fail(reason: str, ci: bool) -> None:
 
 
 # `make test` spreads the suite over worker processes (pytest-xdist, --dist loadgroup): a module
-# stays on one worker, so its module-scoped fixtures (servers, studies) are built once, and the
-# modules that start Ray share one worker, so two Rays never compete for the cores.
-RAY_MODULES = {"test_ray_executor", "test_ray_cluster_nodes", "test_tune"}
-
-
+# stays on one worker, so its module-scoped fixtures (servers, Ray, studies) are built once. The
+# three Ray modules are groups of their own: as one group their tests took 1,628 s or more of a
+# 2,034 s run while the other worker sat idle (docs/benchmarks.md).
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            module = item.module.__name__.rpartition(".")[2]
-            item.add_marker(pytest.mark.xdist_group("ray" if module in RAY_MODULES else module))
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
 
 
 def pytest_runtest_setup(item):
