@@ -30,6 +30,9 @@ ANONYMOUS_REMOTE ?= no
 # make serve: models:/$(MODEL)@champion from $MLFLOW_TRACKING_URI (default ./mlflow.db).
 MODEL ?= mnist-mlp
 SERVE_PORT ?= 5001
+# make test / test-fast: the suite in TEST_WORKERS processes (pytest-xdist; 0: in this one).
+TEST_WORKERS ?= 2
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 # `mlflow run` runs each stage's `python -m pipeline ...` with the python on PATH.
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -54,10 +57,10 @@ run: setup
 
 # lint-imports first: the layering contracts in pyproject.toml (docs/architecture.md).
 test: setup
-	$(BIN)/lint-imports && $(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/lint-imports && $(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: setup
-	$(BIN)/lint-imports && $(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(BIN)/lint-imports && $(BIN)/python -m pytest -m "not integration" $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port $(PORT)

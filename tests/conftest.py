@@ -39,9 +39,16 @@ REAL_RAW_FILES = (
     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
 )
 HAVE_REAL_MNIST = all((REAL_DATA_ROOT / "MNIST" / "raw" / f).is_file() for f in REAL_RAW_FILES)
-requires_real_mnist = pytest.mark.skipif(
-    not HAVE_REAL_MNIST, reason=f"real MNIST not found under {REAL_DATA_ROOT / 'MNIST' / 'raw'}"
+# What a test needs from the machine. Missing, it is skipped on a developer's machine and fails
+# under CI (.ci/run runs with CI=true): a CI run that skipped them would prove nothing.
+requires_real_mnist = pytest.mark.real_mnist
+requires_postgres = pytest.mark.postgres
+MISSING_REAL_MNIST = (
+    f"real MNIST not found under {REAL_DATA_ROOT / 'MNIST' / 'raw'}: put the four raw files "
+    f"({', '.join(REAL_RAW_FILES)}) there, torchvision's layout"
 )
+MISSING_POSTGRES = ("PostgreSQL's server programs are not installed: apt-get install postgresql "
+                    "(.ci/run does it)")
 
 # Variables `mlflow run` sets for the process it starts; left over in a shell they would make
 # the stages resume someone else's run or write to another experiment.
@@ -57,6 +64,41 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"
     )
+
+
+def missing_requirement(item) -> str | None:
+    """Why this machine cannot run the test `item` (its real_mnist / postgres marks), or None."""
+    if item.get_closest_marker("real_mnist") and not HAVE_REAL_MNIST:
+        return MISSING_REAL_MNIST
+    if item.get_closest_marker("postgres"):
+        from pipeline.server.postgres import find_bin_dir
+
+        if find_bin_dir() is None:
+            return MISSING_POSTGRES
+    return None
+
+
+def skip_or_fail(reason: str, ci: bool) -> None:
+    if ci:
+        pytest.fail(f"CI needs this test to run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+# `make test` spreads the suite over worker processes (pytest-xdist, --dist loadgroup): a module
+# stays on one worker, so its module-scoped fixtures (servers, Ray, studies) are built once. The
+# three Ray modules are groups of their own: as one group their tests took 1,628 s or more of a
+# 2,034 s run while the other worker sat idle (docs/benchmarks.md).
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
+
+
+def pytest_runtest_setup(item):
+    reason = missing_requirement(item)
+    if reason:
+        skip_or_fail(reason, ci=os.environ.get("CI", "").lower() == "true")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""The real stages through `mlflow run . --env-manager local` on the real MNIST files."""
+"""The train entry point through `mlflow run . --env-manager local`: MLproject's wiring of its
+parameters, its exit code and error line. On the session's tiny MNIST: what training reaches on
+the real files is proven by tests/test_workflow_integration.py's study."""
 
 from __future__ import annotations
 
@@ -10,17 +12,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from conftest import (
-    REAL_DATA_ROOT,
-    REPO_ROOT,
-    create_experiment,
-    requires_real_mnist,
-    runs_in,
-    subprocess_env,
-)
+from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 
-pytestmark = [pytest.mark.integration, requires_real_mnist]
+pytestmark = pytest.mark.integration
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 PER_EPOCH = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
@@ -36,10 +31,10 @@ def mlflow_run(store, experiment, *params: str, timeout: float = 300):
 
 
 @pytest.fixture(scope="module")
-def mlp4_run(tracking_store):
+def mlp4_run(tracking_store, shared_tiny_mnist):
     experiment = create_experiment(tracking_store, "integration-mlp4")
     result = mlflow_run(tracking_store, experiment, "config=experiments/mlp4.yaml", "epochs=2",
-                        f"data_dir={REAL_DATA_ROOT}")
+                        f"data_dir={shared_tiny_mnist.root}", "samples_per_class=12")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return experiment, result
 
@@ -53,7 +48,7 @@ def test_mlflow_run_train_mlp4_leaves_a_complete_finished_run(mlp4_run):
     assert run.data.params["config"] == "experiments/mlp4.yaml"
     assert run.data.params["model_config"] == "mlp4"
     assert run.data.params["epochs"] == "2"
-    assert run.data.params["samples_per_class"] == "600"
+    assert run.data.params["samples_per_class"] == "12"
     assert run.data.metrics["num_params"] == 934_410
 
     for key in (*PER_EPOCH, "epoch_time_s"):
@@ -62,7 +57,6 @@ def test_mlflow_run_train_mlp4_leaves_a_complete_finished_run(mlp4_run):
         assert all(math.isfinite(m.value) for m in history), key
     test_accuracy = [m.value for m in client.get_metric_history(run_id, "test_accuracy")]
     assert run.data.metrics["final_test_accuracy"] == test_accuracy[-1]
-    assert test_accuracy[-1] > 0.85  # the seed's regime after two epochs is ~0.9
 
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"accuracy.png", "loss.png", "history.csv"} <= artifacts
@@ -70,17 +64,18 @@ def test_mlflow_run_train_mlp4_leaves_a_complete_finished_run(mlp4_run):
                                                               artifact_path="history.csv"))
     assert history["epoch"].tolist() == [1, 2]
 
-    # It drew the real sample itself: the first 600 of each digit, in a finished sample run.
+    # It drew the sample itself: the first 12 of each digit, in a finished sample run.
     [sample] = runs_in(experiment, "sample_data")
     assert sample.info.status == "FINISHED"
     assert run.data.params["sample_run_id"] == sample.info.run_id
-    assert sample.data.metrics["train_examples"] == 6000
-    assert sample.data.metrics["test_examples"] == 6000
+    assert sample.data.metrics["train_examples"] == 120
+    assert sample.data.metrics["test_examples"] == 120
 
 
-def test_mlflow_run_train_with_zero_epochs_leaves_a_failed_run(tracking_store):
+def test_mlflow_run_train_with_zero_epochs_leaves_a_failed_run(tracking_store, shared_tiny_mnist):
     experiment = create_experiment(tracking_store, "integration-epochs-0")
-    result = mlflow_run(tracking_store, experiment, "epochs=0", f"data_dir={REAL_DATA_ROOT}",
+    result = mlflow_run(tracking_store, experiment, "epochs=0",
+                        f"data_dir={shared_tiny_mnist.root}",
                         timeout=120)
     # `python -m pipeline` exits 2; `mlflow run` turns any failed entry point into its own
     # exit code 1 (its CLI catches ExecutionException and calls sys.exit(1)). The stage's

@@ -24,19 +24,16 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, requires_postgres
 
 from pipeline.server import tracking_server
 from pipeline.server.__main__ import main as server_main
 from pipeline.server.__main__ import parse
-from pipeline.server.postgres import LocalPostgres, find_bin_dir
+from pipeline.server.postgres import LocalPostgres
 from pipeline.server.tracking_server import (
     TrackingServer, free_port, secret_key, stop_group, write_auth_config,
 )
 
-needs_postgres = pytest.mark.skipif(
-    find_bin_dir() is None,
-    reason="PostgreSQL's server programs are not installed (apt-get install postgresql)")
 ADMIN = ("admin", "admin-password-for-tests")
 PASSWORD = "db-Pa55word-that-must-never-show"
 
@@ -173,7 +170,7 @@ def reachable_folder(prefix: str) -> Path:
     return root
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_the_clusters_password_file_is_created_private():
     root = reachable_folder("mnist-pgpass-")
@@ -205,7 +202,7 @@ def running_cluster(prefix: str):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_a_cluster_in_a_folder_with_a_space_and_a_dollar_sign_runs():
     with running_cluster("mnist server $HOME ") as cluster:
@@ -304,7 +301,7 @@ def made_server(cluster):
         shutil.rmtree(root, ignore_errors=True)
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_a_password_in_backend_store_uri_shows_nowhere(made_server):
     password, started = made_server["password"], made_server["started"]
@@ -319,7 +316,7 @@ def test_a_password_in_backend_store_uri_shows_nowhere(made_server):
     assert not holding, f"files holding the password: {holding}"
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_the_server_folder_is_private_to_its_owner(made_server):
     folder = made_server["folder"]
@@ -332,7 +329,7 @@ def test_the_server_folder_is_private_to_its_owner(made_server):
     assert not others, f"open to group or others: {others}"
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_clients_reach_the_server_by_an_allowed_host_name(made_server):
     url = f"{made_server['uri']}/api/2.0/mlflow/experiments/search?max_results=1"
@@ -346,7 +343,7 @@ def test_clients_reach_the_server_by_an_allowed_host_name(made_server):
     assert status(f"elsewhere.example:{port}") == 403
 
 
-@needs_postgres
+@requires_postgres
 @pytest.mark.integration
 def test_make_server_runs_its_own_cluster_in_a_folder_with_a_space():
     root = reachable_folder("mnist-team-")

@@ -26,19 +26,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import REAL_DATA_ROOT, REPO_ROOT, requires_real_mnist, subprocess_env
+from conftest import (REAL_DATA_ROOT, REPO_ROOT, requires_postgres, requires_real_mnist,
+                      subprocess_env)
 from mlflow import MlflowClient
 
 from pipeline import cli
 from pipeline.runs.tracking_access import HTTP_DEFAULTS
-from pipeline.server.postgres import LocalPostgres, find_bin_dir
+from pipeline.server.postgres import LocalPostgres
 from pipeline.server.tracking_server import MLFLOW, TrackingServer, free_port, stop_group
 
 pytestmark = [
-    pytest.mark.integration, requires_real_mnist,
-    pytest.mark.skipif(find_bin_dir() is None,
-                       reason="PostgreSQL's server programs are not installed "
-                              "(apt-get install postgresql; .ci/run does it)"),
+    pytest.mark.integration, requires_real_mnist, requires_postgres,
 ]
 
 ADMIN = ("admin", "admin-password-for-tests")
@@ -175,12 +173,14 @@ def test_the_study_runs_through_the_server_with_proxied_artifacts(team_server, s
         assert champion.run_id == trained.info.run_id
 
 
-def test_a_second_mlflow_run_reuses_every_stage(tracking_store, team_server, study):
+def test_the_same_study_again_reuses_every_stage(team_server, study):
+    """Reuse through the server: the cache keys are found in its store. In this process (the
+    `mlflow run` wiring is proven by the study above and tests/test_workflow_integration.py)."""
     with talking_to(team_server.uri, TRAINER) as client:
         before = {r.info.run_id for r in runs(client, team_server)}
-    result = mlflow_run(tracking_store, team_server, study.command)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with talking_to(team_server.uri, TRAINER) as client:
+        assert cli.main(["main", "--experiment", EXPERIMENT, "--data_dir", str(REAL_DATA_ROOT),
+                         "--epochs", "2", "--configs", "mlp3",
+                         "--registered_model_name", study.model_name]) == 0
         new = [r for r in runs(client, team_server) if r.info.run_id not in before]
     assert [r.data.tags["pipeline.stage"] for r in new] == ["main"], "a stage ran again"
     assert new[0].data.metrics["stages_reused"] == 4

@@ -14,9 +14,11 @@ from conftest import REPO_ROOT, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
 
-from pipeline.server.tracking_server import TrackingServer
+from pipeline.server.tracking_server import TrackingServer, healthy
 
-EPOCHS = 40
+# The run the server leaves for good: long enough to still be training when it goes (after
+# epoch 3), each epoch one more to train and resume.
+EPOCHS = 20
 # MLflow's HTTP retries as the pipeline sets them (tracking_access.HTTP_DEFAULTS): a request to
 # a stopped server gives up after pauses of 0, 2 and 4 s. A tracking call on the training
 # thread would hold an epoch up at least that long.
@@ -28,13 +30,25 @@ MAX_WAIT_BETWEEN_EPOCHS_S = 3
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/\d+ .* ([0-9.]+)s$")
 
 
-@pytest.fixture
-def server(tmp_path):
-    """`mlflow server` on SQLite with proxied artifacts; the tests stop and restart it."""
-    tracking = TrackingServer(tmp_path, f"sqlite:///{tmp_path / 'mlflow.db'}")
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory):
+    """`mlflow server` on SQLite with proxied artifacts, started once for this module (each
+    test has an experiment of its own on it)."""
+    root = tmp_path_factory.mktemp("outage-server")
+    tracking = TrackingServer(root, f"sqlite:///{root / 'mlflow.db'}")
     tracking.start()
     yield tracking
     tracking.stop()
+
+
+@pytest.fixture
+def server(module_server):
+    """The module's server, up: the tests stop and restart it (and one that failed during its
+    outage may have left it down)."""
+    if not healthy(module_server.uri):
+        module_server.stop()
+        module_server.start()
+    return module_server
 
 
 class TimedStage(Stage):

@@ -170,7 +170,9 @@ def test_cli_exits_2_with_one_line(experiment, tmp_path, capsys):
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # address="local": a Ray of its own, never one found running on this machine (another
+    # module's on the other xdist worker, or a user's), which would refuse num_cpus.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield
     finally:

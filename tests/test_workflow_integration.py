@@ -163,25 +163,3 @@ def test_a_second_mlflow_run_reuses_every_stage(tracking_store, study: Study):
     table = pd.read_csv(download(parent.info.run_id, "stages.csv"))
     assert table["reused"].all() and set(table["run_id"]) <= before
 
-
-def test_multi_seed_main_on_real_data_produces_grouped_artifacts(experiment):
-    """Issue 4: a tiny multi-seed study (2 seeds x mlp3/mlp4, 2 epochs) on the real sample."""
-    from pipeline.parameters import stage_params
-    from pipeline.stages import main
-
-    parent_id = main.run(stage_params("main", {
-        "data_dir": str(REAL_DATA_ROOT), "epochs": "2", "seeds": "0,1",
-        "registered_model_name": f"mnist-mlp-seeds-{uuid.uuid4().hex[:8]}",
-    }))
-    train_ids = mlflow.get_run(parent_id).data.tags["pipeline.train_run_ids"].split(",")
-    assert len(train_ids) == 4
-    [compare_run] = [r for r in runs_in(experiment, "compare")
-                     if r.data.tags.get(PARENT_TAG) == parent_id]
-    table = pd.read_csv(download(compare_run.info.run_id, "comparison.csv"), index_col="config")
-    assert sorted(table.index) == ["mlp3", "mlp4"]
-    assert (table["runs"] == 2).all()
-    assert table["final_test_accuracy_std"].notna().all()
-    pairs = pd.read_csv(download(compare_run.info.run_id, "pairwise.csv"))
-    assert len(pairs) == 1 and 0 <= pairs.loc[0, "p_value"] <= 1
-    conclusion = compare_run.data.tags["mlflow.note.content"]
-    assert "95% CI" in conclusion and "Welch" in conclusion

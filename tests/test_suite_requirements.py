@@ -1,0 +1,28 @@
+"""What the suite does on a machine that lacks real MNIST or PostgreSQL: a developer's run skips
+those tests and says what is missing; a CI run (CI=true, as .ci/run is started) fails them."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import MISSING_POSTGRES, MISSING_REAL_MNIST, skip_or_fail
+
+
+@pytest.mark.parametrize("reason", [MISSING_REAL_MNIST, MISSING_POSTGRES])
+def test_a_missing_requirement_skips_outside_ci_and_says_what_to_install(reason):
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql|raw files"):
+        skip_or_fail(reason, ci=False)
+
+
+@pytest.mark.parametrize("reason", [MISSING_REAL_MNIST, MISSING_POSTGRES])
+def test_a_missing_requirement_fails_under_ci(reason):
+    with pytest.raises(pytest.fail.Exception, match="CI needs this test to run: ") as failed:
+        skip_or_fail(reason, ci=True)
+    assert reason in str(failed.value)
+
+
+def test_the_marks_name_what_is_missing(request):
+    """The real_mnist and postgres marks are what the check reads (an unmarked test needs
+    nothing)."""
+    from conftest import missing_requirement
+
+    assert missing_requirement(request.node) is None
