@@ -3,8 +3,10 @@
 Each variant runs `python -m pipeline main --force true` in a fresh temporary store (so every
 variant draws its sample, trains, evaluates and compares from scratch, Ray's start-up
 included) and the wall times are printed side by side with their ratio to `local` (one
-training after another in main's process). `--repeats` rounds run the variants interleaved
-(min and median per variant). A variant is `local`, `ray:<cpus_per_trial>`, or, with
+training after another in main's process with every core: `--workers 1 --threads <cores>`,
+the study before the local pool). `--repeats` rounds run the variants interleaved (min and
+median per variant). A variant is `local`, `pool` (executor=local's default: the trainings side
+by side, one thread each), `ray:<cpus_per_trial>`, or, with
 `--variant LABEL='ARGS'`, any other arguments to main (an executor added later, say).
 
 Then, per variant, where each training's time went besides its epochs: a task's overhead is
@@ -18,7 +20,7 @@ OMP_NUM_THREADS=1), alone and beside another seed (as two Ray tasks share two co
 separates Ray's own cost from the neighbour's. Not a test: it prints.
 
     python bench/ray_study.py --data_dir ../shared/datasets [--epochs 10] [--repeats 3] \
-        [--variants local,ray:1,ray:2] [--variant pool='--executor local --workers 2']
+        [--variants local,pool,ray:1] [--variant pool3='--executor local --workers 3']
 """
 
 import argparse
@@ -31,6 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 DISPATCHED = re.compile(r"^\[main\] (\S+): (sent to Ray|running)")
@@ -102,17 +106,25 @@ def main():
     parser.add_argument("--study", default="experiments/depth_seeds.yaml")
     parser.add_argument("--epochs", default="", help="empty: the study's (20)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds, variants interleaved")
-    parser.add_argument("--variants", default="local,ray:1",
-                        help="local and ray:<cpus_per_trial>, comma-separated")
+    parser.add_argument("--variants", default="local,pool,ray:1",
+                        help="local (one after another, every core), pool (executor=local's "
+                             "default) and ray:<cpus_per_trial>, comma-separated")
     parser.add_argument("--variant", action="append", default=[], metavar="LABEL='ARGS'",
                         help="another variant: LABEL, then main's arguments (repeatable)")
     args = parser.parse_args()
     data_dir = str(Path(args.data_dir).resolve())
 
     variants: dict[str, list[str]] = {}
+    cores = str(psutil.cpu_count(logical=False) or os.cpu_count())
     for variant in args.variants.split(","):
         executor, _, cpus = variant.partition(":")
-        variants[variant] = ["--executor", executor] + (["--cpus_per_trial", cpus] if cpus else [])
+        if executor == "local":  # the study before the pool: one after another, every core
+            variants[variant] = ["--executor", "local", "--workers", "1", "--threads", cores]
+        elif executor == "pool":  # executor=local's default: side by side, one thread each
+            variants[variant] = ["--executor", "local"]
+        else:
+            variants[variant] = ["--executor", executor] + (["--cpus_per_trial", cpus]
+                                                            if cpus else [])
     for extra in args.variant:
         label, _, arguments = extra.partition("=")
         variants[label] = shlex.split(arguments)
