@@ -118,6 +118,7 @@ class TestStudyFile:
         assert study.seeds == [0, 1, 2, 3, 4] and study.auto.half_width_pp == 0.2
 
 
+@pytest.mark.integration
 def test_main_with_seeds_auto_runs_a_second_stage_only_as_needed_and_resumes(
         experiment, noisy_mnist, tmp_path):
     """A wide target: the 2 first-stage seeds suffice. A tiny one: every config goes up to the

@@ -129,6 +129,7 @@ def test_help_lists_the_stages():
         assert re.search(rf"^\s+{stage}\b", result.stdout, re.MULTILINE), stage
 
 
+@pytest.mark.integration
 def test_train_with_zero_epochs_exits_2_with_a_one_line_error_and_a_failed_run(tracking_store):
     experiment = create_experiment(tracking_store, "cli-epochs-0")
     result = run_cli("train", "--epochs", "0", "--experiment", experiment.name,

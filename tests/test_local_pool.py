@@ -26,6 +26,9 @@ from pipeline.runs import checkpoint_store, tracking
 from pipeline.scale import executors, ray_tasks
 from pipeline.stages import main, train
 
+# Real processes (Ray, a process pool) started, signalled and killed: make test, not test-fast.
+pytestmark = pytest.mark.integration
+
 # The tag a pool worker puts on its run (its pid), not part of a run's content.
 WORKER_TAG = "pipeline.local_worker"
 

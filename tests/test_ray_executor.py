@@ -25,6 +25,9 @@ from pipeline.parameters import stage_params
 from pipeline.runs import checkpoint_store, tracking
 from pipeline.stages import main, train
 
+# Real processes (Ray, a process pool) started, signalled and killed: make test, not test-fast.
+pytestmark = pytest.mark.integration
+
 # Values a rerun reproduces bit for bit (times are not).
 REPRODUCIBLE = [m for m in METRIC_NAMES if m != "epoch_time_s"]
 # Params and tags that name the run's own sample, parent or worker rather than its content.

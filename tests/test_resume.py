@@ -98,6 +98,7 @@ def resume(run_id: str, sample: SampleRun, **overrides) -> str:
                                             "resume_run_id": run_id, **overrides}))
 
 
+@pytest.mark.integration
 def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
     killed, sample_run, reference, capsys
 ):
@@ -132,6 +133,7 @@ def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
 
 
+@pytest.mark.integration
 def test_a_run_killed_with_sigkill_stays_running_and_resumes_explicitly(
     killed, sample_run, reference
 ):
@@ -174,6 +176,7 @@ def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
     assert not local.exists()
 
 
+@pytest.mark.integration
 def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store, sample_run, tmp_path,
                                                     reference):
     experiment = create_experiment(tracking_store, "main-resumes")
@@ -209,6 +212,7 @@ def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store,
     assert_same_training(train_run.info.run_id, reference)
 
 
+@pytest.mark.integration
 def test_main_resumes_a_killed_run_unless_forced(tracking_store, sample_run, tmp_path, reference):
     """Real processes throughout: `main` SIGTERMed mid-training, `main force=true` (which must
     start over rather than go on with the KILLED run), then a plain `main`, which resumes."""

@@ -19,6 +19,9 @@ from pipeline.core.search_space import (
 )
 from pipeline.core.validation_split import split_indices
 
+# Real processes (Ray, a process pool) started, signalled and killed: make test, not test-fast.
+pytestmark = pytest.mark.integration
+
 GOOD_SPACE = {
     "name": "tiny_sweep",
     "trials": 3,

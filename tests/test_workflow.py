@@ -678,6 +678,7 @@ def study(tracking_store, noisy_mnist, tmp_path_factory) -> Study:
     return Study(experiment, path, noisy_mnist, name, parent_id)
 
 
+@pytest.mark.integration
 def test_main_nests_every_stage_under_one_parent_run(study: Study):
     parent = mlflow.get_run(study.parent_id)
     assert parent.info.status == "FINISHED"
@@ -790,6 +791,7 @@ def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
     assert parent.data.tags["pipeline.reused_stages"].split(",") == table["label"].tolist()
 
 
+@pytest.mark.integration
 def test_main_with_other_epochs_reruns_train_evaluate_and_compare_only(study: Study):
     study.activate()
     samples_before = {r.info.run_id for r in runs_in(study.experiment, "sample_data")}
@@ -843,6 +845,7 @@ def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
         "mnist-mlp-pipeline"
 
 
+@pytest.mark.integration
 def test_main_with_force_reruns_every_stage(study: Study):
     study.activate()
     before = {r.info.run_id for r in runs_in(study.experiment)}
@@ -910,6 +913,7 @@ def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, nois
     assert rerun() == ["train", "evaluate", "compare"], "the loop's code retrains"
 
 
+@pytest.mark.integration
 def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mnist, tmp_path):
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -939,6 +943,7 @@ def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mn
         32 * 10 + 10)
 
 
+@pytest.mark.integration
 def test_main_with_two_seeds_per_config_reports_statistics(experiment, noisy_mnist, tmp_path):
     study_path = write_study(tmp_path / "seeds.yaml", configs=["mlp3", "mlp4"], seeds=[0, 1],
                              registered_model_name=unique_model_name("seeds"))
@@ -1056,6 +1061,7 @@ def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
         load_study("depth_study", seeds="0,one")
 
 
+@pytest.mark.integration
 def test_a_stage_logged_to_a_file_prints_no_download_bars(study: Study, tracking_store):
     """`make run > log`: the log is epoch lines and tables, not one bar per artifact fetched."""
     [sample] = study.children()["sample_data"]
