@@ -10,14 +10,14 @@ by side, one thread each), `ray:<cpus_per_trial>`, or, with
 `--variant LABEL='ARGS'`, any other arguments to main (an executor added later, say).
 
 Then, per variant, where each training's time went besides its epochs: a task's overhead is
-from the moment it could start (sent to Ray, or told to run; for a task that follows another
-on the same worker, the end of that run) to the start of its first epoch (its first
-epoch_time_s point's time less that epoch), split into the part before its run exists (Ray
-dispatch, worker start and imports) and the part after (params, sample, model); first tasks
-on a worker and later ones apart. Last, the epoch times: a training's median epoch under Ray
-against the same training in a bare 1-thread process (`python -m pipeline train`,
-OMP_NUM_THREADS=1), alone and beside another seed (as two Ray tasks share two cores), which
-separates Ray's own cost from the neighbour's. Not a test: it prints.
+from the moment it could start (sent to Ray or to a pool worker, or told to run; for a task
+that follows another on the same worker, the end of that run) to the start of its first epoch
+(its first epoch_time_s point's time less that epoch), split into the part before its run
+exists (Ray dispatch, worker start and imports) and the part after (params, sample, model);
+first tasks on a worker and later ones apart. Last, the epoch times: a training's median
+epoch under Ray against the same training in a bare 1-thread process (`python -m pipeline
+train`, OMP_NUM_THREADS=1), alone and beside another seed (as two Ray tasks share two cores),
+which separates Ray's own cost from the neighbour's. Not a test: it prints.
 
     python bench/ray_study.py --data_dir ../shared/datasets [--epochs 10] [--repeats 3] \
         [--variants local,pool,ray:1] [--variant pool3='--executor local --workers 3']
@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-DISPATCHED = re.compile(r"^\[main\] (\S+): (sent to Ray|running)")
+DISPATCHED = re.compile(r"^\[main\] (\S+): (sent to Ray|sent to a worker|running)")
 
 
 def environment(store: str) -> dict:
