@@ -16,8 +16,9 @@ import pytest
 from conftest import create_experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
-from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, history, stages_table, study_params,
-                               train_runs, write_study)
+from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC,
+                               assert_a_failed_training_is_named_and_the_others_finish, history,
+                               stages_table, study_params, train_runs, write_study)
 
 from pipeline.cache import train_keys
 from pipeline.errors import PipelineError
@@ -133,27 +134,8 @@ def test_main_reuses_a_standalone_train_run_with_the_same_numerics(
 
 def test_a_failed_job_is_named_after_every_job_has_ended(experiment, shared_tiny_mnist,
                                                          tmp_path):
-    (tmp_path / "linear.yaml").write_text("name: linear\nmodel: {type: mlp, hidden: []}\n")
-    (tmp_path / "deep.yaml").write_text(
-        "name: deep\nmodel: {type: mlp, hidden: [{units: 64}, {units: 64}, {units: 64}, "
-        "{units: 64}, {units: 64}, {units: 64}]}\n")
-    study = write_study(tmp_path, "diverging",
-                        [str(tmp_path / "linear.yaml"), str(tmp_path / "deep.yaml")], [0],
-                        lr=1e4)
-    with pytest.raises(PipelineError) as failed:
-        main.run(study_params(study, shared_tiny_mnist.root, workers="2"))
-    trains = {r.info.run_name: r for r in runs_in(experiment, "train")}
-    deep, linear = trains["train-deep-seed0"], trains["train-linear-seed0"]
-    message = str(failed.value)
-    assert message.startswith("1 of 2 train run(s) failed: train-deep-seed0 "
-                              f"(run {deep.info.run_id}): the training loss became nan")
-    assert "\n" not in message
-    assert deep.info.status == "FAILED" and "nan" in deep.data.tags[tracking.ERROR_TAG]
-    assert linear.info.status == "FINISHED"
-    assert len(history(linear.info.run_id)["train_loss"]) == 3
-    statuses = {r.data.tags[tracking.STAGE_TAG]: r.info.status for r in runs_in(experiment)
-                if r.data.tags[tracking.STAGE_TAG] != "train"}
-    assert statuses == {"main": "FAILED", "sample_data": "FINISHED"}
+    assert_a_failed_training_is_named_and_the_others_finish(
+        experiment, shared_tiny_mnist.root, tmp_path, workers="2")
 
 
 def _pooled_main(tracking_store, shared_tiny_mnist, tmp_path, label: str):

@@ -215,6 +215,14 @@ def worker_pid(run) -> int | None:
 
 def test_a_failed_training_is_named_and_the_others_finish(local_ray, experiment,
                                                           shared_tiny_mnist, tmp_path):
+    assert_a_failed_training_is_named_and_the_others_finish(
+        experiment, shared_tiny_mnist.root, tmp_path, executor="ray")
+
+
+def assert_a_failed_training_is_named_and_the_others_finish(experiment, data_root, tmp_path,
+                                                           **executor):
+    """A study with one diverging training, on `executor`: every job ends, then the failure
+    names its run in one line; shared by the Ray and the local pool tests."""
     # At lr 1e4 the deep plain MLP's activations overflow to NaN in its first epoch; the
     # linear model's loss grows but stays finite.
     (tmp_path / "linear.yaml").write_text("name: linear\nmodel: {type: mlp, hidden: []}\n")
@@ -225,7 +233,7 @@ def test_a_failed_training_is_named_and_the_others_finish(local_ray, experiment,
                         [str(tmp_path / "linear.yaml"), str(tmp_path / "deep.yaml")], [0],
                         lr=1e4)
     with pytest.raises(PipelineError) as failed:
-        main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
+        main.run(study_params(study, data_root, **executor))
     trains = {r.info.run_name: r for r in runs_in(experiment, "train")}
     deep, linear = trains["train-deep-seed0"], trains["train-linear-seed0"]
     message = str(failed.value)
