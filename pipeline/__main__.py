@@ -1,5 +1,5 @@
-import sys
-
 from pipeline.cli import main
+from pipeline.process_exit import exit_promptly
 
-sys.exit(main())
+# An exception still ends the process the usual way, with its traceback.
+exit_promptly(main())
