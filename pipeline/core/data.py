@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision.datasets import MNIST
 
 from pipeline.core.sampling import ALL, SAMPLING_METHODS
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 SPLITS = ("train", "test")
 NUM_CLASSES = 10
@@ -57,6 +60,10 @@ def _missing_data_message(root: Path, reason: str) -> str:
 
 def load_mnist(root: str | Path, train: bool, download: bool = True) -> MNIST:
     """The torchvision MNIST dataset under `root`, with errors that say what to do."""
+    # Imported here: torchvision costs 2.4 s of CPU to import, and a process that reads a
+    # logged sample (a pool worker, a train or evaluate stage) never needs it.
+    from torchvision.datasets import MNIST
+
     root = Path(root).expanduser()
     raw = root / "MNIST" / "raw"
     try:

