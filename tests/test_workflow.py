@@ -907,20 +907,23 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(source.replace(old, new, 1))
 
 
-def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, noisy_mnist,
-                                                                tmp_path, package_copy):
-    """The keys read package_copy: each edit there is what a developer's edit is to them."""
+def test_main_after_a_code_edit_reruns_the_stages_it_can_change(study: Study, tmp_path,
+                                                                package_copy):
+    """The keys read package_copy: each edit there is what a developer's edit is to them.
+    The module study's mlp3 alone: its stages, run before with the package itself, are reused
+    until an edit changes their keys."""
+    study.activate()
     study_path = write_study(tmp_path / "study.yaml", configs=["mlp3"],
                              registered_model_name=unique_model_name("code-edit"))
     stages = ["sample_data", "train", "evaluate", "compare"]
 
     def rerun() -> list[str]:
         # In this process: the stage computes its run's key with the patched package too.
-        table = stages_table(run_main(study_path, noisy_mnist))
+        table = stages_table(run_main(study_path, study.data))
         assert table["stage"].tolist() == stages
         return table.loc[~table["reused"], "stage"].tolist()
 
-    assert rerun() == stages
+    assert rerun() == ["compare"], "the unedited copy keys the stages as the package does"
     _edit(package_copy / "core" / "comparison.py",
           '"Only {best} was compared: final test accuracy "',
           '"Only {best} took part: final test accuracy "')
@@ -934,30 +937,31 @@ def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, nois
 
 
 @pytest.mark.integration
-def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mnist, tmp_path):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    narrow, deep = configs / "narrow.yaml", configs / "deep.yaml"
-    narrow.write_text("name: narrow\nmodel: {type: mlp, hidden: [{units: 64}]}\n")
+def test_main_edited_config_reruns_only_that_configs_stages(study: Study, tmp_path):
+    """The module study's mlp3 with a config file of its own: the study's sample and mlp3
+    stages are reused from the start, and an edit of the file reruns only its stages."""
+    study.activate()
+    deep = tmp_path / "deep.yaml"
     deep.write_text("name: deep\nmodel: {type: mlp, hidden: [{units: 64}, "
                     "{units: 64, batch_norm: true}]}\n")
-    study_path = write_study(tmp_path / "study.yaml", configs=[str(narrow), str(deep)],
+    study_path = write_study(tmp_path / "study.yaml", configs=["mlp3", str(deep)],
                              registered_model_name=unique_model_name("edit"))
-    first = run_main(study_path, noisy_mnist)
-    assert read_csv(first, "stages.csv")["label"].tolist() == [
-        f"sample_data-first{SAMPLES_PER_CLASS}", "train-narrow-seed0", "train-deep-seed0",
-        "evaluate-narrow-seed0", "evaluate-deep-seed0", "compare"]
+    first = read_csv(run_main(study_path, study.data), "stages.csv")
+    assert first["label"].tolist() == [
+        f"sample_data-first{SAMPLES_PER_CLASS}", "train-mlp3-seed0", "train-deep-seed0",
+        "evaluate-mlp3-seed0", "evaluate-deep-seed0", "compare"]
+    assert first["reused"].tolist() == [True, True, False, True, False, False]
 
     deep.write_text("name: deep\nmodel: {type: mlp, hidden: [{units: 32}, "
                     "{units: 32, batch_norm: true}]}\n")
-    second = run_main(study_path, noisy_mnist)
+    second = run_main(study_path, study.data)
     reused = read_csv(second, "stages.csv").set_index("label")["reused"].to_dict()
     assert reused == {
-        f"sample_data-first{SAMPLES_PER_CLASS}": True, "train-narrow-seed0": True,
-        "evaluate-narrow-seed0": True, "train-deep-seed0": False, "evaluate-deep-seed0": False,
+        f"sample_data-first{SAMPLES_PER_CLASS}": True, "train-mlp3-seed0": True,
+        "evaluate-mlp3-seed0": True, "train-deep-seed0": False, "evaluate-deep-seed0": False,
         "compare": False,
     }
-    [retrained] = by_stage(children_of(experiment, second))["train"]
+    [retrained] = study.children(second)["train"]
     # Linear(784, 32); Linear(32, 32) + BatchNorm(32); Linear(32, 10)
     assert retrained.data.metrics["num_params"] == (784 * 32 + 32) + (32 * 32 + 32 + 2 * 32) + (
         32 * 10 + 10)
