@@ -151,6 +151,17 @@ def _clean_mlflow_run_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+@pytest.fixture
+def cli_environment():
+    """For a test that runs `python -m pipeline`'s main in this process: what it sets in its
+    process's environment (HTTP limits, progress bars off) is undone afterwards, as the end of
+    its own process would."""
+    saved = os.environ.copy()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _end_active_runs() -> None:
     while mlflow.active_run() is not None:
         mlflow.end_run()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import re
+import runpy
 import subprocess
 import sys
 
 import mlflow
 import pytest
 import yaml
-from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
+from conftest import REPO_ROOT, create_experiment, runs_in
 
 from pipeline.cli import build_parser, main
 from pipeline.core.config import read_yaml
@@ -25,13 +26,6 @@ def stage_parsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return dict(sub.choices)
-
-
-def run_cli(*args: str, env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], cwd=REPO_ROOT, env=env,
-        capture_output=True, text=True, timeout=timeout,
-    )
 
 
 def test_cli_parameters_are_mlprojects_for_every_stage():
@@ -98,7 +92,7 @@ def test_parse_bool():
         parse_bool("ja")
 
 
-def test_cli_bad_type_exits_2_with_a_one_line_error(capsys):
+def test_cli_bad_type_exits_2_with_a_one_line_error(capsys, cli_environment):
     assert main(["train", "--epochs", "three"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err]
@@ -129,16 +123,22 @@ def test_help_lists_the_stages():
         assert re.search(rf"^\s+{stage}\b", result.stdout, re.MULTILINE), stage
 
 
-@pytest.mark.integration
-def test_train_with_zero_epochs_exits_2_with_a_one_line_error_and_a_failed_run(tracking_store):
+def test_train_with_zero_epochs_exits_2_with_a_one_line_error_and_a_failed_run(
+        tracking_store, capsys, monkeypatch, cli_environment):
+    """`python -m pipeline train --epochs 0`, its __main__ run in this process. The command in
+    a process of its own, through `mlflow run` (no traceback, the line on its stderr):
+    test_integration.py's zero-epochs test."""
     experiment = create_experiment(tracking_store, "cli-epochs-0")
-    result = run_cli("train", "--epochs", "0", "--experiment", experiment.name,
-                     "--device", "cpu", env=subprocess_env(tracking_store))
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    monkeypatch.setattr(sys, "argv", ["pipeline", "train", "--epochs", "0", "--experiment",
+                                      experiment.name, "--device", "cpu"])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_module("pipeline", run_name="__main__")
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err + out
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert errors == ["error: epochs must be a positive integer, got 0"]
-    assert result.stderr.strip().splitlines()[-1] == errors[0]
+    assert err.strip().splitlines()[-1] == errors[0]
     [run] = runs_in(experiment)
     assert run.info.status == "FAILED"
     assert run.data.tags["pipeline.error"] == "epochs must be a positive integer, got 0"
@@ -153,7 +153,8 @@ def test_unknown_option_is_an_argparse_error():
 
 
 
-def test_a_malformed_config_exits_2_with_one_line_and_a_failed_run(tracking_store, tmp_path, capsys):
+def test_a_malformed_config_exits_2_with_one_line_and_a_failed_run(tracking_store, tmp_path, capsys,
+                                                                   cli_environment):
     experiment = create_experiment(tracking_store, "cli-bad-units")
     config = tmp_path / "bad.yaml"
     config.write_text("name: bad\nmodel: {type: mlp, hidden: [{units: -5}]}\n")

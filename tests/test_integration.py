@@ -30,12 +30,16 @@ def mlflow_run(store, experiment, *params: str, timeout: float = 300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def output(result) -> str:
+    return result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def mlp4_run(tracking_store, shared_tiny_mnist):
     experiment = create_experiment(tracking_store, "integration-mlp4")
     result = mlflow_run(tracking_store, experiment, "config=experiments/mlp4.yaml", "epochs=2",
                         f"data_dir={shared_tiny_mnist.root}", "samples_per_class=12")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output(result)
     return experiment, result
 
 
@@ -77,12 +81,16 @@ def test_mlflow_run_train_with_zero_epochs_leaves_a_failed_run(tracking_store, s
     result = mlflow_run(tracking_store, experiment, "epochs=0",
                         f"data_dir={shared_tiny_mnist.root}",
                         timeout=120)
-    # `python -m pipeline` exits 2; `mlflow run` turns any failed entry point into its own
-    # exit code 1 (its CLI catches ExecutionException and calls sys.exit(1)). The stage's
-    # one-line error comes first, then MLflow's line naming the failed run.
+    # `python -m pipeline` exits 2 (tests/test_cli.py); `mlflow run` turns any failed entry
+    # point into its own exit code 1 (its CLI catches ExecutionException and calls
+    # sys.exit(1)). The stage's one-line error comes first, then MLflow's line naming the
+    # failed run. The one process boundary of a refused parameter: no traceback on the way.
     assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr, output(result)
     lines = result.stderr.splitlines()
-    stage_error = lines.index("error: epochs must be a positive integer, got 0")
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == ["error: epochs must be a positive integer, got 0"], output(result)
+    stage_error = lines.index(errors[0])
     assert any("=== Run (ID" in line and "failed ===" in line for line in lines[stage_error:])
     [run] = runs_in(experiment)
     assert run.info.status == "FAILED"

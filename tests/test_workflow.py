@@ -44,6 +44,7 @@ from conftest import (
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from pipeline import cli
 from pipeline.errors import PipelineError
 from pipeline.parameters import stage_params
 from pipeline.runs import registry, samples, tracking
@@ -556,9 +557,10 @@ def test_compare_selections_that_select_nothing_usable(experiment, params, fragm
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def weak_run(experiment, shared: Shared) -> str:
-    """A model that has barely trained (chance-level accuracy)."""
+@pytest.fixture(scope="module")
+def weak_run(tracking_store, shared: Shared) -> str:
+    """A model that has barely trained (chance-level accuracy); the tests only register it."""
+    use_new_experiment(tracking_store, "workflow-weak")
     run_id = train.run(stage_params("train", {
         **TRAIN, "config": "mlp3", "lr": 1e-7, "data_run_id": shared.sample_id,
     }))
@@ -645,8 +647,10 @@ def write_study(path: Path, *, configs, seeds=(0,), registered_model_name: str,
 
 
 def run_main(study: Path, data: TinyMnist, **overrides) -> str:
+    """main in this process, its stages one after another (workers=1): a pool's workers would
+    each import torch and MLflow first; the pool is test_local_pool's subject."""
     return main.run(stage_params("main", {"study": str(study), "data_dir": str(data.root),
-                                          **overrides}))
+                                          "workers": "1", **overrides}))
 
 
 def stages_table(parent_id: str) -> pd.DataFrame:
@@ -678,7 +682,6 @@ def study(tracking_store, noisy_mnist, tmp_path_factory) -> Study:
     return Study(experiment, path, noisy_mnist, name, parent_id)
 
 
-@pytest.mark.integration
 def test_main_nests_every_stage_under_one_parent_run(study: Study):
     parent = mlflow.get_run(study.parent_id)
     assert parent.info.status == "FINISHED"
@@ -749,13 +752,29 @@ def test_main_evaluate_children_log_the_studys_sampling_params(study: Study):
         assert run.data.params["samples_per_class"] == str(SAMPLES_PER_CLASS)
 
 
-def run_listing_imports(args: list[str], tracking_store) -> tuple[subprocess.CompletedProcess,
-                                                                  set[str]]:
-    """`python <args>` in a process of its own, and every module it imported."""
-    result = subprocess.run([sys.executable, "-X", "importtime", *args], cwd=REPO_ROOT,
-                            env=subprocess_env(tracking_store), capture_output=True, text=True,
-                            timeout=300)
-    return result, {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+# After `import mlflow`, `python -m pipeline <args>` in the same process (what -m does).
+IMPORTS_AFTER_MLFLOW = """
+import runpy, sys
+import mlflow
+print("{marker}", file=sys.stderr, flush=True)
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_listing_imports_beyond_mlflow(args: list[str], tracking_store) -> tuple[
+        subprocess.CompletedProcess, set[str]]:
+    """`python -m pipeline <args>` in a process of its own, and every module it imported that
+    `import mlflow` alone does not (-X importtime lists each module once, when first imported;
+    MLflow itself imports a little of scipy, scipy.sparse)."""
+    marker = f"mlflow imported {uuid.uuid4().hex}"
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", IMPORTS_AFTER_MLFLOW.format(marker=marker),
+         *args], cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True,
+        text=True, timeout=300)
+    lines = result.stderr.splitlines()
+    assert marker in lines, result.stderr[-3000:]
+    return result, {line.split("|")[-1].strip() for line in lines[lines.index(marker):]
                     if line.startswith("import time:")}
 
 
@@ -765,16 +784,16 @@ def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
     before = {r.info.run_id for r in runs_in(study.experiment)}
     trains_before = {r.info.run_id for r in runs_in(study.experiment, "train")}
 
-    # A process of its own, so that what it imports can be seen (-X importtime lists it all).
-    result, imported = run_listing_imports(
-        ["-m", "pipeline", "main", "--study", str(study.path), "--data_dir",
-         str(study.data.root), "--experiment", study.experiment.name], tracking_store)
+    # A process of its own, so that what it imports can be seen.
+    result, imported = run_listing_imports_beyond_mlflow(
+        ["main", "--study", str(study.path), "--data_dir", str(study.data.root),
+         "--experiment", study.experiment.name], tracking_store)
     assert result.returncode == 0, result.stderr[-3000:]
-    # MLflow itself imports a little of scipy (scipy.sparse); what main adds to that is ours.
-    _, by_mlflow = run_listing_imports(["-c", "import mlflow"], tracking_store)
-    heavy = {name for name in imported - by_mlflow
+    heavy = {name for name in imported
              if name.split(".")[0] in ("torch", "torchvision", "matplotlib", "sklearn", "scipy")}
     assert not heavy, f"a fully cached main imported {sorted(heavy)[:5]}"
+    # main's own module is imported by importlib, which -X importtime does not list.
+    assert "pipeline.scale.executors" in imported, "precondition: main's imports are listed"
     again = result.stdout.strip().splitlines()[-1].removeprefix("main finished: run ")
 
     after = {r.info.run_id for r in runs_in(study.experiment)}
@@ -791,7 +810,6 @@ def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
     assert parent.data.tags["pipeline.reused_stages"].split(",") == table["label"].tolist()
 
 
-@pytest.mark.integration
 def test_main_with_other_epochs_reruns_train_evaluate_and_compare_only(study: Study):
     study.activate()
     samples_before = {r.info.run_id for r in runs_in(study.experiment, "sample_data")}
@@ -845,7 +863,6 @@ def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
         "mnist-mlp-pipeline"
 
 
-@pytest.mark.integration
 def test_main_with_force_reruns_every_stage(study: Study):
     study.activate()
     before = {r.info.run_id for r in runs_in(study.experiment)}
@@ -887,20 +904,23 @@ def _edit(path: Path, old: str, new: str) -> None:
     path.write_text(source.replace(old, new, 1))
 
 
-def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, noisy_mnist,
-                                                                tmp_path, package_copy):
-    """The keys read package_copy: each edit there is what a developer's edit is to them."""
+def test_main_after_a_code_edit_reruns_the_stages_it_can_change(study: Study, tmp_path,
+                                                                package_copy):
+    """The keys read package_copy: each edit there is what a developer's edit is to them.
+    The module study's mlp3 alone: its stages, run before with the package itself, are reused
+    until an edit changes their keys."""
+    study.activate()
     study_path = write_study(tmp_path / "study.yaml", configs=["mlp3"],
                              registered_model_name=unique_model_name("code-edit"))
     stages = ["sample_data", "train", "evaluate", "compare"]
 
     def rerun() -> list[str]:
         # In this process: the stage computes its run's key with the patched package too.
-        table = stages_table(run_main(study_path, noisy_mnist, workers="1"))
+        table = stages_table(run_main(study_path, study.data))
         assert table["stage"].tolist() == stages
         return table.loc[~table["reused"], "stage"].tolist()
 
-    assert rerun() == stages
+    assert rerun() == ["compare"], "the unedited copy keys the stages as the package does"
     _edit(package_copy / "core" / "comparison.py",
           '"Only {best} was compared: final test accuracy "',
           '"Only {best} took part: final test accuracy "')
@@ -913,44 +933,46 @@ def test_main_after_a_code_edit_reruns_the_stages_it_can_change(experiment, nois
     assert rerun() == ["train", "evaluate", "compare"], "the loop's code retrains"
 
 
-@pytest.mark.integration
-def test_main_edited_config_reruns_only_that_configs_stages(experiment, noisy_mnist, tmp_path):
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    narrow, deep = configs / "narrow.yaml", configs / "deep.yaml"
-    narrow.write_text("name: narrow\nmodel: {type: mlp, hidden: [{units: 64}]}\n")
+def test_main_edited_config_reruns_only_that_configs_stages(study: Study, tmp_path):
+    """The module study's mlp3 with a config file of its own: the study's sample and mlp3
+    stages are reused from the start, and an edit of the file reruns only its stages."""
+    study.activate()
+    deep = tmp_path / "deep.yaml"
     deep.write_text("name: deep\nmodel: {type: mlp, hidden: [{units: 64}, "
                     "{units: 64, batch_norm: true}]}\n")
-    study_path = write_study(tmp_path / "study.yaml", configs=[str(narrow), str(deep)],
+    study_path = write_study(tmp_path / "study.yaml", configs=["mlp3", str(deep)],
                              registered_model_name=unique_model_name("edit"))
-    first = run_main(study_path, noisy_mnist)
-    assert read_csv(first, "stages.csv")["label"].tolist() == [
-        f"sample_data-first{SAMPLES_PER_CLASS}", "train-narrow-seed0", "train-deep-seed0",
-        "evaluate-narrow-seed0", "evaluate-deep-seed0", "compare"]
+    first = read_csv(run_main(study_path, study.data), "stages.csv")
+    assert first["label"].tolist() == [
+        f"sample_data-first{SAMPLES_PER_CLASS}", "train-mlp3-seed0", "train-deep-seed0",
+        "evaluate-mlp3-seed0", "evaluate-deep-seed0", "compare"]
+    assert first["reused"].tolist() == [True, True, False, True, False, False]
 
     deep.write_text("name: deep\nmodel: {type: mlp, hidden: [{units: 32}, "
                     "{units: 32, batch_norm: true}]}\n")
-    second = run_main(study_path, noisy_mnist)
+    second = run_main(study_path, study.data)
     reused = read_csv(second, "stages.csv").set_index("label")["reused"].to_dict()
     assert reused == {
-        f"sample_data-first{SAMPLES_PER_CLASS}": True, "train-narrow-seed0": True,
-        "evaluate-narrow-seed0": True, "train-deep-seed0": False, "evaluate-deep-seed0": False,
+        f"sample_data-first{SAMPLES_PER_CLASS}": True, "train-mlp3-seed0": True,
+        "evaluate-mlp3-seed0": True, "train-deep-seed0": False, "evaluate-deep-seed0": False,
         "compare": False,
     }
-    [retrained] = by_stage(children_of(experiment, second))["train"]
+    [retrained] = study.children(second)["train"]
     # Linear(784, 32); Linear(32, 32) + BatchNorm(32); Linear(32, 10)
     assert retrained.data.metrics["num_params"] == (784 * 32 + 32) + (32 * 32 + 32 + 2 * 32) + (
         32 * 10 + 10)
 
 
-@pytest.mark.integration
-def test_main_with_two_seeds_per_config_reports_statistics(experiment, noisy_mnist, tmp_path):
-    study_path = write_study(tmp_path / "seeds.yaml", configs=["mlp3", "mlp4"], seeds=[0, 1],
-                             registered_model_name=unique_model_name("seeds"))
-    parent_id = run_main(study_path, noisy_mnist)
-    children = by_stage(children_of(experiment, parent_id))
-    assert {stage: len(runs) for stage, runs in children.items()} == {
+def test_main_with_two_seeds_per_config_reports_statistics(study: Study):
+    """The study with a second seed: its seed-0 stages are reused, the seed-1 ones run."""
+    study.activate()
+    parent_id = run_main(study.path, study.data, seeds="0,1",
+                         registered_model_name=unique_model_name("seeds"))
+    ledger = stages_table(parent_id)
+    assert ledger["stage"].value_counts().to_dict() == {
         "sample_data": 1, "train": 4, "evaluate": 4, "compare": 1}
+    children = {stage: [mlflow.get_run(run_id) for run_id in rows["run_id"]]
+                for stage, rows in ledger.groupby("stage")}
     pairs = {(r.data.params["model_config"], r.data.params["seed"]) for r in children["train"]}
     assert pairs == {("mlp3", "0"), ("mlp3", "1"), ("mlp4", "0"), ("mlp4", "1")}
 
@@ -1012,7 +1034,7 @@ def test_main_stops_when_a_train_child_fails(experiment, noisy_mnist, tmp_path):
                              registered_model_name=unique_model_name("diverge"),
                              train_settings={**TRAIN, "lr": 1e10})
     with pytest.raises(PipelineError, match="nan"):  # one after another (the pool: test_local_pool)
-        run_main(study_path, noisy_mnist, workers="1")
+        run_main(study_path, noisy_mnist)
     parent = only_run(experiment, "main")
     assert_failed(parent, "nan")
     children = by_stage(children_of(experiment, parent.info.run_id))
@@ -1061,18 +1083,25 @@ def test_seeds_that_are_not_numbers_are_rejected_before_any_run(experiment):
         load_study("depth_study", seeds="0,one")
 
 
-@pytest.mark.integration
-def test_a_stage_logged_to_a_file_prints_no_download_bars(study: Study, tracking_store):
-    """`make run > log`: the log is epoch lines and tables, not one bar per artifact fetched."""
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+
+def test_a_stage_logged_to_a_file_prints_no_download_bars(study: Study, capfd, monkeypatch,
+                                                          cli_environment):
+    """`make run > log`: the log is epoch lines and tables, not one bar per artifact fetched.
+    In this process: pytest's captured stderr is no terminal either, as a log file is not."""
     [sample] = study.children()["sample_data"]
     [train, *_] = study.children()["train"]
-    result = subprocess.run(
-        [sys.executable, "-m", "pipeline", "evaluate", "--experiment", study.experiment.name,
-         "--model_uri", train.data.tags[tracking.MODEL_URI_TAG], "--data_run_id", sample.info.run_id],
-        cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout + result.stderr
-    assert "Downloading artifacts" not in output, output[-2000:]
-    assert result.stdout.strip().splitlines()[-1].startswith("evaluate finished: run ")
+    args = ["evaluate", "--experiment", study.experiment.name,
+            "--model_uri", train.data.tags[tracking.MODEL_URI_TAG],
+            "--data_run_id", sample.info.run_id]
+    monkeypatch.delenv(PROGRESS_BAR_ENV, raising=False)
+    assert cli.main(args) == 0
+    out, err = capfd.readouterr()
+    assert "Downloading artifacts" not in out + err, (out + err)[-2000:]
+    assert out.strip().splitlines()[-1].startswith("evaluate finished: run ")
+
+    # The user's own setting wins, and shows that this evaluation does fetch artifacts.
+    monkeypatch.setenv(PROGRESS_BAR_ENV, "true")
+    assert cli.main(args) == 0
+    assert "Downloading artifacts" in "".join(capfd.readouterr())
