@@ -682,6 +682,7 @@ def study(tracking_store, noisy_mnist, tmp_path_factory) -> Study:
     return Study(experiment, path, noisy_mnist, name, parent_id)
 
 
+@pytest.mark.integration
 def test_main_nests_every_stage_under_one_parent_run(study: Study):
     parent = mlflow.get_run(study.parent_id)
     assert parent.info.status == "FINISHED"
@@ -810,6 +811,7 @@ def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
     assert parent.data.tags["pipeline.reused_stages"].split(",") == table["label"].tolist()
 
 
+@pytest.mark.integration
 def test_main_with_other_epochs_reruns_train_evaluate_and_compare_only(study: Study):
     study.activate()
     samples_before = {r.info.run_id for r in runs_in(study.experiment, "sample_data")}
@@ -863,6 +865,7 @@ def test_main_reused_compare_restores_a_deleted_alias_and_model(study: Study):
         "mnist-mlp-pipeline"
 
 
+@pytest.mark.integration
 def test_main_with_force_reruns_every_stage(study: Study):
     study.activate()
     before = {r.info.run_id for r in runs_in(study.experiment)}
@@ -933,6 +936,7 @@ def test_main_after_a_code_edit_reruns_the_stages_it_can_change(study: Study, tm
     assert rerun() == ["train", "evaluate", "compare"], "the loop's code retrains"
 
 
+@pytest.mark.integration
 def test_main_edited_config_reruns_only_that_configs_stages(study: Study, tmp_path):
     """The module study's mlp3 with a config file of its own: the study's sample and mlp3
     stages are reused from the start, and an edit of the file reruns only its stages."""
@@ -963,6 +967,7 @@ def test_main_edited_config_reruns_only_that_configs_stages(study: Study, tmp_pa
         32 * 10 + 10)
 
 
+@pytest.mark.integration
 def test_main_with_two_seeds_per_config_reports_statistics(study: Study):
     """The study with a second seed: its seed-0 stages are reused, the seed-1 ones run."""
     study.activate()
