@@ -133,7 +133,8 @@ class Study:
 
 # Real MNIST, the first 10 images of each digit: the 100 test images the served champion is
 # asked about. The point is the way through the server, not accuracy: 6,000 images a split
-# took a minute more of a 2-core machine.
+# took a minute more of a 2-core machine. Stages one after another in main's process
+# (workers=1): a pool worker's start and shutdown cost the study twice its own time.
 STUDY_FILE = """\
 name: team
 configs: [mlp3]
@@ -154,7 +155,7 @@ def study(tracking_store, team_server, tmp_path_factory) -> Study:
     path = tmp_path_factory.mktemp("team-study") / "team.yaml"
     path.write_text(STUDY_FILE)
     command = [str(MLFLOW), "run", ".", "--env-manager", "local", "--experiment-name", EXPERIMENT,
-               "-P", f"study={path}", "-P", f"data_dir={REAL_DATA_ROOT}",
+               "-P", f"study={path}", "-P", f"data_dir={REAL_DATA_ROOT}", "-P", "workers=1",
                "-P", f"registered_model_name={model_name}"]
     result = mlflow_run(tracking_store, team_server, command)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -194,7 +195,7 @@ def test_the_same_study_again_reuses_every_stage(team_server, study):
     with talking_to(team_server.uri, TRAINER) as client:
         before = {r.info.run_id for r in runs(client, team_server)}
         assert cli.main(["main", "--experiment", EXPERIMENT, "--study", str(study.path),
-                         "--data_dir", str(REAL_DATA_ROOT),
+                         "--data_dir", str(REAL_DATA_ROOT), "--workers", "1",
                          "--registered_model_name", study.model_name]) == 0
         new = [r for r in runs(client, team_server) if r.info.run_id not in before]
     assert [r.data.tags["pipeline.stage"] for r in new] == ["main"], "a stage ran again"
