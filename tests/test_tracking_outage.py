@@ -103,6 +103,10 @@ class Relay:
         if self._listener is None:
             self._listen()
 
+    def close(self) -> None:
+        self.cut()
+        self._held.clear()  # held pumps go on to find their sockets closed, and end
+
     def _listen(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -159,7 +163,7 @@ def server(module_server):
     `server.uri` for the test's own checks)."""
     relay = Relay(module_server.port)
     yield module_server, relay
-    relay.cut()
+    relay.close()
 
 
 class TimedStage(Stage):
