@@ -14,6 +14,13 @@ from pipeline.runs import metric_writer
 from pipeline.runs.metric_writer import MetricWriter
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    """A tenth of the writer's pause between tries: the tests wait for what happens, and the
+    pause only stretched each wait to the next second."""
+    monkeypatch.setattr(metric_writer, "RETRY_PAUSE_S", 0.1)
+
+
 @pytest.fixture
 def run_id(experiment) -> str:
     return mlflow.MlflowClient().create_run(experiment.id).info.run_id
@@ -43,15 +50,15 @@ def test_an_outage_that_ended_leaves_no_error_behind(run_id):
 
 
 def test_the_retry_window_counts_from_the_end_of_training(run_id, monkeypatch):
-    monkeypatch.setenv(metric_writer.RETRY_WINDOW_ENV, "3")
+    monkeypatch.setenv(metric_writer.RETRY_WINDOW_ENV, "2")
     client = mlflow.MlflowClient()
     writer = MetricWriter(client, run_id)
     client.delete_run(run_id)
     writer.log({"test_loss": 1.0}, step=1)
     wait_until(lambda: writer.last_error is not None)
-    time.sleep(4)  # training goes on while the store refuses, longer than the window
-    # Training ends; the store takes writes again 1 s later, well inside the window.
-    threading.Timer(1.0, client.restore_run, [run_id]).start()
+    time.sleep(2.5)  # training goes on while the store refuses, longer than the window
+    # Training ends; the store takes writes again 0.5 s later, well inside the window.
+    threading.Timer(0.5, client.restore_run, [run_id]).start()
     writer.flush()
     writer.close()
     assert [m.step for m in client.get_metric_history(run_id, "test_loss")] == [1]

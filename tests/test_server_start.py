@@ -170,31 +170,22 @@ def reachable_folder(prefix: str) -> Path:
     return root
 
 
-@requires_postgres
-@pytest.mark.integration
-def test_the_clusters_password_file_is_created_private():
-    root = reachable_folder("mnist-pgpass-")
-    try:
-        cluster = LocalPostgres(root / "postgres", free_port(), durable=False)
-        with chmod_disabled():
-            cluster.init()
-        assert mode(cluster.password_file) == 0o600
-        assert mode(cluster.folder) == 0o700
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 # --------------------------------------------------------------------------------------------
-# Real clusters: one in a folder with a space and a dollar sign, one under `make server`
+# Real clusters: the user's own in a folder with a space and a dollar sign, one under
+# `make server`
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def running_cluster(prefix: str):
-    root = reachable_folder(prefix)
+@pytest.fixture(scope="module")
+def cluster():
+    """A PostgreSQL of the user's own, reached with a password in BACKEND_STORE_URI, in a folder
+    whose path has a space and a dollar sign. Created with chmod turned off: what its secrets
+    are created with is what they keep."""
+    root = reachable_folder("mnist server $HOME ")
     cluster = LocalPostgres(root / "postgres", free_port(), durable=False)
     try:
-        cluster.init()
+        with chmod_disabled():
+            cluster.init()
         cluster.start()
         yield cluster
     finally:
@@ -204,22 +195,22 @@ def running_cluster(prefix: str):
 
 @requires_postgres
 @pytest.mark.integration
-def test_a_cluster_in_a_folder_with_a_space_and_a_dollar_sign_runs():
-    with running_cluster("mnist server $HOME ") as cluster:
-        assert " " in str(cluster.folder) and "$HOME" in str(cluster.folder)
-        assert cluster.running()
-        # Its socket is where -k said, the path taken literally.
-        assert (cluster.folder / f".s.PGSQL.{cluster.port}").is_socket()
-        assert cluster._run("psql", *cluster._connect(), "-tAc", "SELECT 41 + 1").strip() == "42"
-        cluster.stop()
-        assert not cluster.running()
+def test_the_clusters_password_file_is_created_private(cluster):
+    assert mode(cluster.password_file) == 0o600
+    assert mode(cluster.folder) == 0o700
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A PostgreSQL of the user's own, reached with a password in BACKEND_STORE_URI."""
-    with running_cluster("mnist-user-postgres-") as cluster:
-        yield cluster
+@requires_postgres
+@pytest.mark.integration
+def test_a_cluster_in_a_folder_with_a_space_and_a_dollar_sign_runs(cluster):
+    assert " " in str(cluster.folder) and "$HOME" in str(cluster.folder)
+    assert cluster.running()
+    # Its socket is where -k said, the path taken literally.
+    assert (cluster.folder / f".s.PGSQL.{cluster.port}").is_socket()
+    assert cluster._run("psql", *cluster._connect(), "-tAc", "SELECT 41 + 1").strip() == "42"
+    cluster.stop()
+    assert not cluster.running()
+    cluster.start()  # the module's `make server` runs on it next
 
 
 def cluster_password(cluster: LocalPostgres) -> str:
