@@ -463,7 +463,9 @@ def _cancel(refs: list, tasks: list[_Task]) -> None:
                                       "KILLED", "the study was stopped while its Ray task ran")
 
 
-def make_executor(params: dict, experiment_id: str):
+def make_executor(params: dict, experiment_id: str, trainings: int | None = None):
+    """The executor `params` ask for; `trainings`, the study's count when known, caps
+    `workers=auto` (a one-training study runs in this process: a worker would only import)."""
     kind = params["executor"]
     if kind not in EXECUTORS:
         raise PipelineError(f"executor={kind!r}: use local (this machine's cores: workers side "
@@ -475,18 +477,19 @@ def make_executor(params: dict, experiment_id: str):
     threads = params["threads"]
     if threads < 1:
         raise PipelineError(f"threads={threads}: give each training at least 1 torch thread")
-    workers = local_workers(params["workers"], threads)
+    workers = local_workers(params["workers"], threads, trainings)
     if workers == 1:
         return LocalExecutor(threads)
     return PoolExecutor(experiment_id, workers, threads)
 
 
-def local_workers(workers: str, threads: int) -> int:
-    """`auto`: as many trainings as the physical cores hold at `threads` each; else the number."""
+def local_workers(workers: str, threads: int, trainings: int | None = None) -> int:
+    """`auto`: as many trainings as the physical cores hold at `threads` each, and no more than
+    the study has (`trainings`, when known); else the number."""
     text = str(workers).strip()
     if text == "auto":
         cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        return max(1, cores // threads)
+        return max(1, min(cores // threads, trainings or cores))
     if not text.isdigit() or int(text) < 1:
         raise PipelineError(f"workers={workers!r}: use auto (physical cores // threads), 1 (one "
                             f"after another in this process) or another positive number")

@@ -110,7 +110,8 @@ def run(params: dict) -> str:
         study = load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
                            params["registered_model_name"], params["half_width_pp"],
                            params["max_seeds"], params["equivalence_margin_pp"])
-        executor = make_executor(params, parent.info.experiment_id)
+        executor = make_executor(params, parent.info.experiment_id,
+                                 trainings=len(study.configs) * len(study.seeds))
         mlflow.set_tag("mlflow.runName", f"main-{study.name}")
         tracking.log_params_once({
             "study_name": study.name, "study_configs": ",".join(study.configs),
