@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -57,10 +58,48 @@ class RayNodes:
         return self.cluster.address
 
 
+class StartingServer:
+    """The tracking server, started in a thread of its own: its start (database migrations,
+    the auth app) takes 10-20 s and overlaps with the Ray nodes' start."""
+
+    def __init__(self, root: Path):
+        self.server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
+                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.server.start()
+        except BaseException as err:  # noqa: BLE001 - raised by ready() in the test's thread
+            self._failure.append(err)
+
+    def ready(self) -> TrackingServer:
+        self._thread.join()
+        if self._failure:
+            raise self._failure[0]
+        return self.server
+
+    def stop(self) -> None:
+        self._thread.join()
+        self.server.stop()
+
+
 @pytest.fixture(scope="module")
-def ray_nodes(tmp_path_factory):
+def starting_server(tmp_path_factory):
+    starting = StartingServer(tmp_path_factory.mktemp("tracking-server"))
+    try:
+        yield starting
+    finally:
+        starting.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(starting_server, tmp_path_factory):
     """Head and one worker node, one CPU each, each with a cache folder of its own (the
-    raylet's environment, which its workers inherit); shut down at the end, on failure too."""
+    raylet's environment, which its workers inherit); shut down at the end, on failure too.
+    The tracking server starts meanwhile."""
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("ray-nodes")
@@ -78,15 +117,8 @@ def ray_nodes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking-server")
-    tracking_server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
-                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
-    try:
-        tracking_server.start()
-        yield tracking_server
-    finally:
-        tracking_server.stop()
+def server(starting_server):
+    return starting_server.ready()
 
 
 @pytest.fixture
