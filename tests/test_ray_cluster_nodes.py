@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ import pytest
 from conftest import Experiment, runs_in, subprocess_env
 from mlflow import MlflowClient
 from test_interrupts import Stage
-from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC, _wait_for_line,
+from test_ray_executor import (_wait_for_line,
                                assert_as_an_undisturbed_training,
-                               assert_secrets_nowhere, history, stages_table, study_params,
+                               assert_secrets_nowhere, stages_table, study_params,
                                train_runs, write_study)
 
 from pipeline.runs import checkpoint_store, tracking
@@ -57,10 +58,48 @@ class RayNodes:
         return self.cluster.address
 
 
+class StartingServer:
+    """The tracking server, started in a thread of its own: its start (database migrations,
+    the auth app) takes 10-20 s and overlaps with the Ray nodes' start."""
+
+    def __init__(self, root: Path):
+        self.server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
+                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._start, daemon=True)
+        self._thread.start()
+
+    def _start(self) -> None:
+        try:
+            self.server.start()
+        except BaseException as err:  # noqa: BLE001 - raised by ready() in the test's thread
+            self._failure.append(err)
+
+    def ready(self) -> TrackingServer:
+        self._thread.join()
+        if self._failure:
+            raise self._failure[0]
+        return self.server
+
+    def stop(self) -> None:
+        self._thread.join()
+        self.server.stop()
+
+
 @pytest.fixture(scope="module")
-def ray_nodes(tmp_path_factory):
+def starting_server(tmp_path_factory):
+    starting = StartingServer(tmp_path_factory.mktemp("tracking-server"))
+    try:
+        yield starting
+    finally:
+        starting.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_nodes(starting_server, tmp_path_factory):
     """Head and one worker node, one CPU each, each with a cache folder of its own (the
-    raylet's environment, which its workers inherit); shut down at the end, on failure too."""
+    raylet's environment, which its workers inherit); shut down at the end, on failure too.
+    The tracking server starts meanwhile."""
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("ray-nodes")
@@ -78,15 +117,8 @@ def ray_nodes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tracking-server")
-    tracking_server = TrackingServer(root / "server", f"sqlite:///{root / 'mlflow.db'}",
-                                     auth=True, env={"MLFLOW_AUTH_ADMIN_PASSWORD": LOGIN[1]})
-    try:
-        tracking_server.start()
-        yield tracking_server
-    finally:
-        tracking_server.stop()
+def server(starting_server):
+    return starting_server.ready()
 
 
 @pytest.fixture
@@ -139,47 +171,6 @@ def test_the_task_environment_leaves_each_node_its_own_cache(monkeypatch):
     assert "PIPELINE_CACHE_DIR" not in ray_cluster.worker_env("1", 1)
 
 
-def test_a_study_spreads_over_the_nodes_and_agrees_with_the_local_executor(
-        ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
-    experiment = on_server
-    study = write_study(tmp_path, "nodes", ["mlp3", "mlp4"], [0, 1], epochs=2)
-    stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
-                   tmp_path / "driver-cache")
-    code = finished(stage)
-    assert code == 0, "\n".join(stage.lines[-40:])
-    sessions = {Path(node.get_session_dir_path()) for node in (ray_nodes.head, ray_nodes.worker)}
-    assert all(any((session / "logs").glob("runtime_env_agent*")) for session in sessions)
-    assert_secrets_nowhere((LOGIN[1],), [*sessions, *ray_nodes.caches.values()],
-                           "\n".join(stage.lines), runs_in(experiment))
-    [cluster_parent] = [r.info.run_id for r in runs_in(experiment, "main")]
-
-    on_nodes = train_runs(experiment, cluster_parent)
-    ids = node_ids(ray_nodes)
-    assert {run.data.tags.get(NODE_TAG) for run in on_nodes.values()} == set(ids.values()), \
-        "the trainings did not land on both nodes"
-
-    # A later local study finds every stage done: the cache keys are the same, and its
-    # trainings are the cluster's runs.
-    local_reuse = stages_table(main.run(study_params(study, shared_tiny_mnist.root)))
-    assert local_reuse.reused.all()
-    assert set(local_reuse[local_reuse.stage == "train"].run_id) == \
-        {run.info.run_id for run in on_nodes.values()}
-    # The same study again in this process, every stage run anew (a new sample run, so other
-    # keys), to compare the values.
-    local_parent = main.run(study_params(study, shared_tiny_mnist.root, force=True))
-    local = train_runs(experiment, local_parent)
-    assert sorted(on_nodes) == sorted(local) == [
-        "train-mlp3-seed0", "train-mlp3-seed1", "train-mlp4-seed0", "train-mlp4-seed1"]
-    for name, run in on_nodes.items():
-        twin = local[name]
-        assert run.info.status == twin.info.status == "FINISHED"
-        assert ({k: v for k, v in run.data.params.items() if k not in RUN_SPECIFIC}
-                == {k: v for k, v in twin.data.params.items() if k not in RUN_SPECIFIC})
-        got, want = history(run.info.run_id), history(twin.info.run_id)
-        for metric in REPRODUCIBLE:
-            assert got[metric] == want[metric], f"{name}: {metric}"
-
-
 def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
         ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
     experiment = on_server
@@ -213,11 +204,16 @@ def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
                       for r in trains}
 
 
-def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
+def test_a_study_spreads_over_the_nodes_resumes_a_lost_nodes_training_and_agrees_with_local(
         ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
-    """Runs last: the worker node does not come back."""
+    """Runs last: the worker node does not come back. One training per node; the worker node
+    is lost once its training's checkpoint is in the artifact store, and that training resumes
+    on the head from there. The study ends as if nothing had happened: the local executor finds
+    every stage done, and each training equals an undisturbed one in this process."""
     experiment = on_server
-    epochs = 16
+    # Enough epochs that the worker node's training is still running once its first
+    # checkpoint is uploaded (an epoch takes 0.3-1 s there).
+    epochs = 8
     study = write_study(tmp_path, "lost", ["mlp4"], [0, 1], epochs=epochs, batch_size=2)
     stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
                    tmp_path / "driver-cache")
@@ -226,6 +222,8 @@ def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
         victim = _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes, stage)
         worker_pid = int(victim.data.tags["pipeline.ray_worker"].rsplit(" ", 1)[1])
         logged = len(MlflowClient().get_metric_history(victim.info.run_id, "train_loss"))
+        # What the lost node's disk held, before it goes: no login (the raylets never had it).
+        assert_secrets_nowhere((LOGIN[1],), [ray_nodes.caches["worker"]], "", [])
         ray_nodes.cluster.remove_node(ray_nodes.worker, allow_graceful=False)
         # A lost machine takes every process on it along, and its disk.
         if psutil.pid_exists(worker_pid):
@@ -241,16 +239,34 @@ def test_a_training_on_a_lost_node_resumes_on_the_other_from_the_artifact_store(
     assert label in parent.data.tags["pipeline.resumed_stages"].split(",")
     assert stages_table(parent.info.run_id).set_index("label").loc[label, "resumed"]
     assert {r.info.status for r in runs_in(experiment)} == {"FINISHED"}
-    resumed = mlflow.get_run(victim.info.run_id)
+    on_nodes = train_runs(experiment, parent.info.run_id)
+    assert sorted(on_nodes) == ["train-mlp4-seed0", "train-mlp4-seed1"]
+    resumed = on_nodes[label]
+    assert resumed.info.run_id == victim.info.run_id
     assert resumed.data.tags[NODE_TAG] == ids["head"]
+    [other] = [run for name, run in on_nodes.items() if name != label]
+    assert {victim.data.tags[NODE_TAG], other.data.tags[NODE_TAG]} == set(ids.values()), \
+        "the trainings did not run on both nodes"
     [resuming] = [line for line in stage.lines
                   if f"resuming mlp4 run {victim.info.run_id} after epoch" in line]
     assert f"({checkpoint_store.ARTIFACT_PATH} of run {victim.info.run_id})" in resuming
     print(f"\n{label} (run {victim.info.run_id}) lost with node {ids['worker'][:12]} after "
           f"{logged} epoch(s) logged; retried on node {ids['head'][:12]}: {resuming}")
+    sessions = {Path(node.get_session_dir_path()) for node in (ray_nodes.head, ray_nodes.worker)}
+    assert all(any((session / "logs").glob("runtime_env_agent*")) for session in sessions)
+    assert_secrets_nowhere((LOGIN[1],), [*sessions, ray_nodes.caches["head"]],
+                           "\n".join(stage.lines), runs_in(experiment))
 
-    # The same training in this process, undisturbed.
-    assert_as_an_undisturbed_training(resumed, epochs)
+    # A later local study finds every stage done: the cache keys are the same, and its
+    # trainings are the cluster's runs.
+    local_reuse = stages_table(main.run(study_params(study, shared_tiny_mnist.root,
+                                                     workers="1")))
+    assert local_reuse.reused.all()
+    assert set(local_reuse[local_reuse.stage == "train"].run_id) == \
+        {run.info.run_id for run in on_nodes.values()}
+    # Each training, the resumed one too, as the same training undisturbed in this process.
+    for run in on_nodes.values():
+        assert_as_an_undisturbed_training(run, epochs)
 
 
 def _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes: RayNodes,

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -143,20 +144,39 @@ def _wait_for_line(stage: Stage, start: str, text: str, timeout: float = 300) ->
         time.sleep(0.1)
 
 
-def test_ray_gives_the_runs_and_cache_keys_of_the_local_executor(
-        local_ray, experiment, shared_tiny_mnist, tmp_path, capsys):
+def test_the_next_study_on_ray_gives_the_runs_and_cache_keys_of_the_local_executor(
+        local_ray, tracking_store, shared_tiny_mnist, tmp_path, monkeypatch, capfd):
+    """One worker pool for every study (nothing per study in a task's runtime_env, where Ray
+    would start new workers for it): after a first study, the next one's runs, cache keys and
+    values are the local executor's, and each study's runs land in its own experiment. The
+    tracking password and token travel to the tasks without reaching a file (Ray's
+    runtime-env agent logs a task's runtime_env on every node), a command line, the output or
+    a run."""
+    password, token = f"password-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    first_experiment = use_new_experiment(tracking_store, "first study")
+    first = write_study(tmp_path, "first", ["mlp4"], [1], epochs=2)
+    main.run(study_params(first, shared_tiny_mnist.root, executor="ray"))
+    printed = [capfd.readouterr()]
+
+    experiment = use_new_experiment(tracking_store, "next study")
     study = write_study(tmp_path, "same", ["mlp3"], [0, 1])
     ray_parent = main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
-    assert "sent to Ray" in capsys.readouterr().out
+    printed.append(capfd.readouterr())
+    assert "sent to Ray" in printed[-1].out
+    # Whether it ran on a worker of the first study is not asserted: Ray retires idle workers
+    # above its soft limit, and the next study's task lands on a new one about half the time.
 
     # The local executor finds every stage already done: the cache keys are the same.
-    local_reuse = main.run(study_params(study, shared_tiny_mnist.root))
+    local_reuse = main.run(study_params(study, shared_tiny_mnist.root, workers="1"))
     assert stages_table(local_reuse).reused.all()
     # And a second Ray study sends nothing to Ray.
     main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
-    assert "sent to Ray" not in capsys.readouterr().out
+    printed.append(capfd.readouterr())
+    assert "sent to Ray" not in printed[-1].out
 
-    local_parent = main.run(study_params(study, shared_tiny_mnist.root, force=True))
+    local_parent = main.run(study_params(study, shared_tiny_mnist.root, force=True, workers="1"))
     on_ray, local = train_runs(experiment, ray_parent), train_runs(experiment, local_parent)
     assert sorted(on_ray) == sorted(local) == ["train-mlp3-seed0", "train-mlp3-seed1"]
     for name, run in on_ray.items():
@@ -178,33 +198,19 @@ def test_ray_gives_the_runs_and_cache_keys_of_the_local_executor(
     statuses = {r.info.status for r in runs_in(experiment)}
     assert statuses == {"FINISHED"}
 
-
-def test_the_next_study_reuses_a_worker_trains_as_a_fresh_one_and_logs_in_its_experiment(
-        local_ray, tracking_store, shared_tiny_mnist, tmp_path):
-    """One worker pool for every study (nothing per study in a task's runtime_env, where Ray
-    would start new workers for it): a worker that trained and evaluated for one study trains
-    the next study's model bit for bit as a fresh process does, and each study's runs land
-    in its own experiment."""
-    first_experiment = use_new_experiment(tracking_store, "first study")
-    first = write_study(tmp_path, "first", ["mlp4"], [1], epochs=2)
-    main.run(study_params(first, shared_tiny_mnist.root, executor="ray"))
-
-    second_experiment = use_new_experiment(tracking_store, "second study")
-    second = write_study(tmp_path, "second", ["mlp3"], [0], epochs=3)
-    parent = main.run(study_params(second, shared_tiny_mnist.root, executor="ray"))
-    [trained] = train_runs(second_experiment, parent).values()
-    # Whether it ran on a worker of the first study is not asserted: Ray retires idle workers
-    # above its soft limit, and the second study's task lands on a new one about half the time.
-
     def stage_runs(experiment) -> set[str]:
         return {r.info.run_name for r in runs_in(experiment)
                 if r.data.tags[tracking.STAGE_TAG] in ("main", "train", "evaluate")}
 
     assert stage_runs(first_experiment) == {"main-first", "train-mlp4-seed1",
                                             "evaluate-mlp4-seed1"}
-    assert stage_runs(second_experiment) == {"main-second", "train-mlp3-seed0",
-                                             "evaluate-mlp3-seed0"}
-    assert_as_an_undisturbed_training(trained, 3)  # in this process, a fresh training
+    assert stage_runs(experiment) == {"main-same", "train-mlp3-seed0", "train-mlp3-seed1",
+                                      "evaluate-mlp3-seed0", "evaluate-mlp3-seed1"}
+
+    printed.append(capfd.readouterr())
+    assert_secrets_nowhere((password, token), [ray_session_folder(local_ray)],
+                           "".join(o.out + o.err for o in printed),
+                           runs_in(first_experiment) + runs_in(experiment))
 
 
 def worker_pid(run) -> int | None:
@@ -309,24 +315,6 @@ def _worker_after_first_checkpoint(experiment, run_name: str, thread: threading.
 # --------------------------------------------------------------------------------------------
 # Secrets, devices and failure paths (issue 17: findings 1, 13, 15, 16, 17)
 # --------------------------------------------------------------------------------------------
-
-
-def test_the_tracking_password_reaches_no_file_command_line_output_or_run(
-        local_ray, experiment, shared_tiny_mnist, tmp_path, monkeypatch, capfd):
-    """Ray's runtime-env agent logs a task's runtime_env, on every node: the credentials must
-    travel another way."""
-    import uuid
-
-    password, token = f"password-{uuid.uuid4().hex}", f"token-{uuid.uuid4().hex}"
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
-    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
-    study = write_study(tmp_path, "secret", ["mlp3"], [0], epochs=1)
-    parent = main.run(study_params(study, shared_tiny_mnist.root, executor="ray"))
-    assert mlflow.get_run(parent).info.status == "FINISHED"
-
-    out, err = capfd.readouterr()
-    assert_secrets_nowhere((password, token), [ray_session_folder(local_ray)], out + err,
-                           runs_in(experiment))
 
 
 def ray_session_folder(ray) -> Path:
