@@ -213,12 +213,6 @@ def test_the_next_study_on_ray_gives_the_runs_and_cache_keys_of_the_local_execut
                            runs_in(first_experiment) + runs_in(experiment))
 
 
-def worker_pid(run) -> int | None:
-    """The PID of the Ray worker that ran `run` (its pipeline.ray_worker tag), if one did."""
-    worker = run.data.tags.get("pipeline.ray_worker")
-    return int(worker.rsplit(" ", 1)[1]) if worker else None
-
-
 def test_a_failed_training_is_named_and_the_others_finish(local_ray, experiment,
                                                           shared_tiny_mnist, tmp_path):
     assert_a_failed_training_is_named_and_the_others_finish(
