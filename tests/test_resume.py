@@ -177,10 +177,10 @@ def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
 @pytest.mark.integration
 def test_main_stopped_by_a_signal_resumes_its_training_unless_forced(
         tracking_store, sample_run, tmp_path, reference, capsys):
-    """Real `main` processes: one stopped with SIGINT mid-training (trainings in its own
-    process, workers=1), then `main force=true` stopped with SIGTERM (trainings in a pool
-    worker), which must start over rather than go on with the KILLED run; then a plain main,
-    which resumes the newest KILLED run from its checkpoint to the uninterrupted result."""
+    """Real `main` processes (workers=1: the training in main's own process; the pool's stop
+    is test_local_pool's) stopped mid-training: one with SIGINT, then `main force=true` with
+    SIGTERM, which must start over rather than go on with the KILLED run. Then a plain main
+    resumes the newest KILLED run from its checkpoint to the uninterrupted result."""
     experiment = create_experiment(tracking_store, "main-resume-or-force")
     study = tmp_path / "study.yaml"
     study.write_text(
@@ -193,7 +193,7 @@ def test_main_stopped_by_a_signal_resumes_its_training_unless_forced(
                "--study", str(study), "--data_dir", data_dir]
 
     def main_stopped_at_epoch_3(signum: int, *extra: str) -> Stage:
-        stage = Stage([*command, *extra], one_thread_env(tracking_store))
+        stage = Stage([*command, "--workers", "1", *extra], one_thread_env(tracking_store))
         try:
             stage.wait_for("epoch   3/")
             assert stage.signal(signum)[0] == 128 + signum, "\n".join(stage.lines[-30:])
@@ -202,7 +202,7 @@ def test_main_stopped_by_a_signal_resumes_its_training_unless_forced(
         return stage
 
     mlflow.set_experiment(experiment.name)
-    stopped = main_stopped_at_epoch_3(signal.SIGINT, "--workers", "1")
+    stopped = main_stopped_at_epoch_3(signal.SIGINT)
     statuses = {r.data.tags["pipeline.stage"]: r.info.status for r in runs_in(experiment)}
     assert statuses == {"main": "KILLED", "sample_data": "FINISHED", "train": "KILLED"}
     assert stopped.lines[-1].startswith("interrupted by SIGINT: train run ")
