@@ -56,7 +56,7 @@ class GrownStudy:
 
 
 @pytest.fixture(scope="module")
-def grown(tracking_store, shared_tiny_mnist, tmp_path_factory) -> GrownStudy:
+def grown_study(tracking_store, shared_tiny_mnist, tmp_path_factory) -> GrownStudy:
     folder = tmp_path_factory.mktemp("grown")
     data = shared_tiny_mnist.root
     experiment = use_new_experiment(tracking_store, "pool-grown")
@@ -69,17 +69,25 @@ def grown(tracking_store, shared_tiny_mnist, tmp_path_factory) -> GrownStudy:
     twin_experiment = use_new_experiment(tracking_store, "pool-twin")
     twin = main.run(study_params(write_study(folder, "seed1", ["mlp3", "mlp4"], [1]), data,
                                  workers="1"))
-    mlflow.set_experiment(experiment.name)
     return GrownStudy(experiment, twin_experiment, study, first, standalone, pooled, twin)
 
 
+@pytest.fixture
+def grown(grown_study) -> GrownStudy:
+    """The grown study, its experiment the active one (a test in between may have set its own)."""
+    mlflow.set_experiment(grown_study.experiment.name)
+    return grown_study
+
+
 def test_the_pool_gives_the_runs_values_and_keys_of_one_after_another(grown, shared_tiny_mnist):
+    """The pool's new trainings (seed 1) against their twins, trained one after another in
+    this process in an experiment of their own."""
     # One after another in this process finds every stage done: the cache keys are the same.
     assert stages_table(main.run(study_params(grown.study, shared_tiny_mnist.root,
                                               workers="1"))).reused.all()
 
-    in_pool, one = train_runs(grown.experiment, grown.pooled), train_runs(grown.twin_experiment,
-                                                                          grown.twin)
+    in_pool = train_runs(grown.experiment, grown.pooled)
+    one = train_runs(grown.twin_experiment, grown.twin)
     assert sorted(in_pool) == sorted(one) == ["train-mlp3-seed1", "train-mlp4-seed1"]
     for name, run in in_pool.items():
         twin = one[name]
