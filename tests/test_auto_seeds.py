@@ -123,11 +123,12 @@ def test_main_with_seeds_auto_runs_a_second_stage_only_as_needed_and_resumes(
         experiment, noisy_mnist, tmp_path):
     """A wide target: the 2 first-stage seeds suffice. A tiny one: every config goes up to the
     cap (3), reusing the first stage. The same again: the plan is recomputed from the same
-    runs, so nothing is trained."""
+    runs, so nothing is trained. workers=1: the trainings in this process, as the executor
+    is not the point here (the pool is test_local_pool's)."""
     name = unique_model_name("auto")
     path = write_auto_study(tmp_path / "auto.yaml", name, first_stage=2, half_width_pp=100,
                             max_seeds=3)
-    wide = run_main(path, noisy_mnist)
+    wide = run_main(path, noisy_mnist, workers="1")
     trains = by_stage(children_of(experiment, wide))["train"]
     assert sorted((r.data.params["model_config"], r.data.params["seed"]) for r in trains) == [
         ("mlp3", "0"), ("mlp3", "1"), ("mlp4", "0"), ("mlp4", "1")]
@@ -138,7 +139,7 @@ def test_main_with_seeds_auto_runs_a_second_stage_only_as_needed_and_resumes(
     assert comparison.data.params["first_stage_seeds"] == "0,1"
     assert comparison.data.params["equivalence_margin_pp"] == "0.5"
 
-    narrow = run_main(path, noisy_mnist, half_width_pp="0.001")
+    narrow = run_main(path, noisy_mnist, half_width_pp="0.001", workers="1")
     table = stages_table(narrow)
     trained = table[(table.stage == "train") & ~table.reused]
     assert sorted(trained.label) == ["train-mlp3-seed2", "train-mlp4-seed2"]
@@ -149,5 +150,5 @@ def test_main_with_seeds_auto_runs_a_second_stage_only_as_needed_and_resumes(
     assert "not reached: the seed cap (max_seeds) stopped the study" in text
     assert "3 runs of mlp3" in text or "3 runs per config" in text
 
-    again = stages_table(run_main(path, noisy_mnist, half_width_pp="0.001"))
+    again = stages_table(run_main(path, noisy_mnist, half_width_pp="0.001", workers="1"))
     assert again.reused.all() and list(again.label) == list(table.label)

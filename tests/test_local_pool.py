@@ -8,12 +8,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import mlflow
 import psutil
 import pytest
-from conftest import create_experiment, runs_in, subprocess_env
+from conftest import (Experiment, create_experiment, runs_in, subprocess_env,
+                      use_new_experiment)
 from mlflow import MlflowClient
 from test_interrupts import Stage
 from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC,
@@ -21,6 +25,7 @@ from test_ray_executor import (REPRODUCIBLE, RUN_SPECIFIC,
                                stages_table, study_params, train_runs, write_study)
 
 from pipeline.cache import train_keys
+from pipeline.cli import main as cli_main
 from pipeline.errors import PipelineError
 from pipeline.parameters import stage_params
 from pipeline.runs import checkpoint_store, tracking
@@ -34,23 +39,56 @@ pytestmark = pytest.mark.integration
 WORKER_TAG = "pipeline.local_worker"
 
 
-def test_the_pool_gives_the_runs_values_and_keys_of_one_after_another(
-        experiment, shared_tiny_mnist, tmp_path, capfd):
-    study = write_study(tmp_path, "pooled", ["mlp3", "mlp4"], [0])
-    pool_parent = main.run(study_params(study, shared_tiny_mnist.root, workers="2"))
-    output = capfd.readouterr()
-    # Each job's lines come prefixed by its run's name.
-    assert "(train-mlp3-seed0) epoch   1/3" in output.err
-    assert "(train-mlp4-seed0) epoch   1/3" in output.err
+@dataclass(frozen=True)
+class GrownStudy:
+    """A study grown in one experiment: `first` (mlp3, seed 0) one after another in this
+    process, `standalone` (a train run of mlp4 seed 0 on its own), then `pooled`, the same
+    study with both configs and seeds 0 and 1 in a pool of two workers; `twin`, the pool's
+    new trainings (seed 1) one after another in an experiment of its own."""
 
+    experiment: Experiment
+    twin_experiment: Experiment
+    study: str
+    first: str  # main runs (parents)
+    standalone: str  # a train run
+    pooled: str
+    twin: str
+
+
+@pytest.fixture(scope="module")
+def grown_study(tracking_store, shared_tiny_mnist, tmp_path_factory) -> GrownStudy:
+    folder = tmp_path_factory.mktemp("grown")
+    data = shared_tiny_mnist.root
+    experiment = use_new_experiment(tracking_store, "pool-grown")
+    first = main.run(study_params(write_study(folder, "one", ["mlp3"], [0]), data, workers="1"))
+    standalone = train.run(stage_params("train", {
+        "config": "mlp4", "seed": 0, "data_dir": str(data), "samples_per_class": 12,
+        "epochs": 3, "batch_size": 16, "device": "cpu"}))
+    study = write_study(folder, "two", ["mlp3", "mlp4"], [0, 1])
+    pooled = main.run(study_params(study, data, workers="2"))
+    twin_experiment = use_new_experiment(tracking_store, "pool-twin")
+    twin = main.run(study_params(write_study(folder, "seed1", ["mlp3", "mlp4"], [1]), data,
+                                 workers="1"))
+    return GrownStudy(experiment, twin_experiment, study, first, standalone, pooled, twin)
+
+
+@pytest.fixture
+def grown(grown_study) -> GrownStudy:
+    """The grown study, its experiment the active one (a test in between may have set its own)."""
+    mlflow.set_experiment(grown_study.experiment.name)
+    return grown_study
+
+
+def test_the_pool_gives_the_runs_values_and_keys_of_one_after_another(grown, shared_tiny_mnist):
+    """The pool's new trainings (seed 1) against their twins, trained one after another in
+    this process in an experiment of their own."""
     # One after another in this process finds every stage done: the cache keys are the same.
-    assert stages_table(main.run(study_params(study, shared_tiny_mnist.root,
+    assert stages_table(main.run(study_params(grown.study, shared_tiny_mnist.root,
                                               workers="1"))).reused.all()
-    # Trained again (force draws a new sample run too, so the keys now differ by its id).
-    one_parent = main.run(study_params(study, shared_tiny_mnist.root, workers="1", force=True))
 
-    in_pool, one = train_runs(experiment, pool_parent), train_runs(experiment, one_parent)
-    assert sorted(in_pool) == sorted(one) == ["train-mlp3-seed0", "train-mlp4-seed0"]
+    in_pool = train_runs(grown.experiment, grown.pooled)
+    one = train_runs(grown.twin_experiment, grown.twin)
+    assert sorted(in_pool) == sorted(one) == ["train-mlp3-seed1", "train-mlp4-seed1"]
     for name, run in in_pool.items():
         twin = one[name]
         assert run.info.status == twin.info.status == "FINISHED"
@@ -63,14 +101,23 @@ def test_the_pool_gives_the_runs_values_and_keys_of_one_after_another(
             assert got[metric] == want[metric], f"{name}: {metric}"
         artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
         assert artifacts == {a.path for a in MlflowClient().list_artifacts(twin.info.run_id)}
-    for parent in (pool_parent, one_parent):
-        children = [r for r in runs_in(experiment)
-                    if r.data.tags.get("mlflow.parentRunId") == parent]
-        assert sorted(r.info.run_name.split("-")[0] if r.info.run_name.startswith("compare")
-                      else r.info.run_name for r in children) == [
-            "compare", "evaluate-mlp3-seed0", "evaluate-mlp4-seed0", "sample_data-first12",
-            "train-mlp3-seed0", "train-mlp4-seed0"]
-    assert {r.info.status for r in runs_in(experiment)} == {"FINISHED"}
+    # Every stage the pooled study ran (not reused) is nested under its main run.
+    ran = stages_table(grown.pooled).query("not reused").label
+    assert sorted(children_names(grown.experiment, grown.pooled)) == sorted(ran) == [
+        "compare", "evaluate-mlp3-seed1", "evaluate-mlp4-seed0", "evaluate-mlp4-seed1",
+        "train-mlp3-seed1", "train-mlp4-seed1"]
+    assert sorted(children_names(grown.twin_experiment, grown.twin)) == [
+        "compare", "evaluate-mlp3-seed1", "evaluate-mlp4-seed1", "sample_data-first12",
+        "train-mlp3-seed1", "train-mlp4-seed1"]
+    for experiment in (grown.experiment, grown.twin_experiment):
+        assert {r.info.status for r in runs_in(experiment)} == {"FINISHED"}
+
+
+def children_names(experiment, parent_id: str) -> list[str]:
+    """The names of a main run's nested runs, compare's without its hash."""
+    return [r.info.run_name.split("-")[0] if r.info.run_name.startswith("compare")
+            else r.info.run_name for r in runs_in(experiment)
+            if r.data.tags.get("mlflow.parentRunId") == parent_id]
 
 
 def test_a_trainings_key_names_its_threads_not_the_jobs_or_the_cores(
@@ -97,39 +144,31 @@ def test_a_trainings_key_names_its_threads_not_the_jobs_or_the_cores(
                                 ray_tasks.machine_numerics("cpu")) == alone
 
 
-def test_adding_a_seed_reuses_the_other_trainings(experiment, shared_tiny_mnist, tmp_path,
-                                                  monkeypatch):
-    first = main.run(study_params(write_study(tmp_path, "one", ["mlp3"], [0]),
-                                  shared_tiny_mnist.root, workers="2"))
-    two = write_study(tmp_path, "two", ["mlp3"], [0, 1])
-    more = main.run(study_params(two, shared_tiny_mnist.root, workers="2"))
-    before, after = train_runs(experiment, first), stages_table(more).set_index("label")
+def test_adding_a_seed_reuses_the_other_trainings(grown, shared_tiny_mnist, monkeypatch):
+    """Grown from one config and seed (one job) to two of each (four): the training both
+    studies share is reused, the new ones are trained."""
+    before, after = train_runs(grown.experiment, grown.first), stages_table(grown.pooled)
+    after = after.set_index("label")
     assert after.loc["train-mlp3-seed0", "reused"]
     assert after.loc["train-mlp3-seed0", "run_id"] == before["train-mlp3-seed0"].info.run_id
     assert not after.loc["train-mlp3-seed1", "reused"]
+    assert not after.loc["train-mlp4-seed1", "reused"]
 
     # A study with nothing left to run starts no worker process at all.
     def no_pool(*args, **kwargs):
         raise AssertionError("a fully cached study started the pool")
 
     monkeypatch.setattr(executors, "ProcessPoolExecutor", no_pool)
-    assert stages_table(main.run(study_params(two, shared_tiny_mnist.root,
+    assert stages_table(main.run(study_params(grown.study, shared_tiny_mnist.root,
                                               workers="2"))).reused.all()
 
 
-def test_main_reuses_a_standalone_train_run_with_the_same_numerics(
-        experiment, shared_tiny_mnist, tmp_path):
+def test_main_reuses_a_standalone_train_run_with_the_same_numerics(grown):
     """`python -m pipeline train` with OMP_NUM_THREADS=1 (the tests' setting) has the key of
     the same training in main with threads=1."""
-    study = write_study(tmp_path, "standalone", ["mlp3"], [0])
-    settings = {"epochs": 3, "batch_size": 16, "device": "cpu"}
-    standalone = train.run(stage_params("train", {
-        "config": "mlp3", "seed": 0, "data_dir": str(shared_tiny_mnist.root),
-        "samples_per_class": 12, **settings}))
-    parent = main.run(study_params(study, shared_tiny_mnist.root, workers="2"))
-    table = stages_table(parent).set_index("label")
-    assert table.loc["train-mlp3-seed0", "reused"]
-    assert table.loc["train-mlp3-seed0", "run_id"] == standalone
+    table = stages_table(grown.pooled).set_index("label")
+    assert table.loc["train-mlp4-seed0", "reused"]
+    assert table.loc["train-mlp4-seed0", "run_id"] == grown.standalone
 
 
 def test_a_failed_job_is_named_after_every_job_has_ended(experiment, shared_tiny_mnist,
@@ -148,10 +187,11 @@ def _pooled_main(tracking_store, shared_tiny_mnist, tmp_path, label: str):
     return experiment, stage
 
 
-def _wait_for_checkpoints(experiment, stage: Stage, names: set[str]) -> dict[str, object]:
+def _wait_for_checkpoints(experiment, names: set[str], study_running: Callable[[], bool],
+                          output: Callable[[], list[str]]) -> dict[str, object]:
     """The RUNNING train runs `names`, once each has its first checkpoint on disk."""
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and stage.process.poll() is None:
+    while time.monotonic() < deadline and study_running():
         runs = {r.info.run_name: r for r in runs_in(experiment, "train")
                 if r.info.status == "RUNNING"}
         if set(runs) >= names and all(
@@ -159,7 +199,7 @@ def _wait_for_checkpoints(experiment, stage: Stage, names: set[str]) -> dict[str
                  / checkpoint_store.FILE_NAME).is_file() for n in names):
             return runs
         time.sleep(0.2)
-    pytest.fail("the trainings never checkpointed:\n" + "\n".join(stage.lines[-30:]))
+    pytest.fail("the trainings never checkpointed:\n" + "\n".join(output()[-30:]))
 
 
 def test_sigterm_on_main_ends_every_pooled_training_killed_and_resumable(
@@ -167,12 +207,16 @@ def test_sigterm_on_main_ends_every_pooled_training_killed_and_resumable(
     experiment, stage = _pooled_main(tracking_store, shared_tiny_mnist, tmp_path, "pool-stop")
     names = {"train-mlp4-seed0", "train-mlp4-seed1"}
     try:
-        _wait_for_checkpoints(experiment, stage, names)
+        _wait_for_checkpoints(experiment, names, lambda: stage.process.poll() is None,
+                              lambda: stage.lines)
         family = psutil.Process(stage.process.pid).children(recursive=True)
         code, _ = stage.signal(signal.SIGTERM, timeout=90)
     finally:
         stage.stop()
     assert code == 143, "\n".join(stage.lines[-30:])
+    # Each job's lines come prefixed by its run's name.
+    for name in names:
+        assert any(f"({name}) epoch   1/200" in line for line in stage.lines), name
     statuses = {r.info.run_name: r.info.status for r in runs_in(experiment)}
     assert statuses == {"main-pool-stop": "KILLED", "sample_data-first12": "FINISHED",
                         "train-mlp4-seed0": "KILLED", "train-mlp4-seed1": "KILLED"}
@@ -188,19 +232,37 @@ def test_sigterm_on_main_ends_every_pooled_training_killed_and_resumable(
 
 
 def test_a_killed_worker_fails_its_run_and_the_study_names_it(
-        tracking_store, shared_tiny_mnist, tmp_path):
-    experiment, stage = _pooled_main(tracking_store, shared_tiny_mnist, tmp_path, "pool-oom")
+        experiment, shared_tiny_mnist, tmp_path, capsys):
+    """main in this process, as the command line runs it; the process killed is a worker."""
+    study = write_study(tmp_path, "pool-oom", ["mlp4"], [0, 1], epochs=200, batch_size=2)
+    names = {"train-mlp4-seed0", "train-mlp4-seed1"}
+    study_ended = threading.Event()
+    seen: dict[str, object] = {}
+
+    def kill_a_worker_once_both_checkpointed() -> None:
+        try:
+            seen["runs"] = runs = _wait_for_checkpoints(
+                experiment, names, lambda: not study_ended.is_set(), lambda: [])
+            worker = int(runs["train-mlp4-seed0"].data.tags[WORKER_TAG].split()[-1])
+            os.kill(worker, signal.SIGKILL)
+        except BaseException as err:  # noqa: BLE001 - reported by the test below
+            seen["error"] = err
+
+    killer = threading.Thread(target=kill_a_worker_once_both_checkpointed, daemon=True)
+    killer.start()
     try:
-        runs = _wait_for_checkpoints(experiment, stage, {"train-mlp4-seed0",
-                                                         "train-mlp4-seed1"})
-        victim = runs["train-mlp4-seed0"]
-        os.kill(int(victim.data.tags[WORKER_TAG].split()[-1]), signal.SIGKILL)
-        code = stage.process.wait(timeout=120)
-        stage._reader.join(timeout=5)
+        code = cli_main(["main", "--experiment", experiment.name, "--study", study,
+                         "--data_dir", str(shared_tiny_mnist.root), "--workers", "2"])
     finally:
-        stage.stop()
-    assert code == 2, "\n".join(stage.lines[-30:])
-    [error] = [line for line in stage.lines if line.startswith("error: ")]
+        study_ended.set()
+        killer.join(timeout=30)
+    if "error" in seen:
+        raise seen["error"]
+    output = capsys.readouterr()
+    assert code == 2, output.err[-3000:]
+    runs = seen["runs"]
+    victim = runs["train-mlp4-seed0"]
+    [error] = [line for line in output.err.splitlines() if line.startswith("error: ")]
     assert f"train-mlp4-seed0 (run {victim.info.run_id}): its worker process died" in error
     assert "train-mlp4-seed1" in error  # stopped with the pool, and said so
     killed = mlflow.get_run(victim.info.run_id)

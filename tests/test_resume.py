@@ -4,14 +4,12 @@ SIGTERM or SIGKILL) and resumed ends with exactly the metrics of an uninterrupte
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 
 import mlflow
 import pandas as pd
 import pytest
 from conftest import (
-    REPO_ROOT,
     SampleRun,
     create_experiment,
     runs_in,
@@ -177,45 +175,12 @@ def test_a_checkpoint_that_was_not_uploaded_is_resumed_from_the_local_copy(
 
 
 @pytest.mark.integration
-def test_main_stopped_with_sigint_resumes_its_training_by_itself(tracking_store, sample_run, tmp_path,
-                                                    reference):
-    experiment = create_experiment(tracking_store, "main-resumes")
-    study = tmp_path / "study.yaml"
-    study.write_text(
-        "name: resumable\nconfigs: [mlp4]\nseeds: [0]\n"
-        f"sample: {{samples_per_class: 12, download: false}}\n"
-        f"train: {{epochs: {EPOCHS}, batch_size: 2, device: cpu}}\n"
-    )
-    data_dir = str(sample_run.data.root)
-    stage = Stage([sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
-                   "--study", str(study), "--data_dir", data_dir], one_thread_env(tracking_store))
-    try:
-        stage.wait_for("epoch   3/")
-        assert stage.signal(signal.SIGINT)[0] == 130
-    finally:
-        stage.stop()
-    statuses = {r.data.tags["pipeline.stage"]: r.info.status for r in runs_in(experiment)}
-    assert statuses == {"main": "KILLED", "sample_data": "FINISHED", "train": "KILLED"}
-    assert stage.lines[-1].startswith("interrupted by SIGINT: train run ")
-    assert "run the same command again" in stage.lines[-1]
-    [killed_run] = runs_in(experiment, "train")
-
-    mlflow.set_experiment(experiment.name)
-    parent = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir}))
-    stages = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent,
-                                                             artifact_path="stages.csv"))
-    row = stages.set_index("stage").loc["train"]
-    assert row.run_id == killed_run.info.run_id and row.resumed and not row.reused
-    assert mlflow.get_run(parent).data.tags["pipeline.resumed_stages"] == "train-mlp4-seed0"
-    [train_run] = runs_in(experiment, "train")
-    assert train_run.info.status == "FINISHED"
-    assert_same_training(train_run.info.run_id, reference)
-
-
-@pytest.mark.integration
-def test_main_resumes_a_killed_run_unless_forced(tracking_store, sample_run, tmp_path, reference):
-    """Real processes throughout: `main` SIGTERMed mid-training, `main force=true` (which must
-    start over rather than go on with the KILLED run), then a plain `main`, which resumes."""
+def test_main_stopped_by_a_signal_resumes_its_training_unless_forced(
+        tracking_store, sample_run, tmp_path, reference, capsys):
+    """Real `main` processes (workers=1: the training in main's own process; the pool's stop
+    is test_local_pool's) stopped mid-training: one with SIGINT, then `main force=true` with
+    SIGTERM, which must start over rather than go on with the KILLED run. Then a plain main
+    resumes the newest KILLED run from its checkpoint to the uninterrupted result."""
     experiment = create_experiment(tracking_store, "main-resume-or-force")
     study = tmp_path / "study.yaml"
     study.write_text(
@@ -223,31 +188,42 @@ def test_main_resumes_a_killed_run_unless_forced(tracking_store, sample_run, tmp
         "sample: {samples_per_class: 12, download: false}\n"
         f"train: {{epochs: {EPOCHS}, batch_size: 2, device: cpu}}\n"
     )
+    data_dir = str(sample_run.data.root)
     command = [sys.executable, "-m", "pipeline", "main", "--experiment", experiment.name,
-               "--study", str(study), "--data_dir", str(sample_run.data.root)]
+               "--study", str(study), "--data_dir", data_dir]
 
-    def main_killed_at_epoch_3(*extra: str) -> str:
-        stage = Stage([*command, *extra], one_thread_env(tracking_store))
+    def main_stopped_at_epoch_3(signum: int, *extra: str) -> Stage:
+        stage = Stage([*command, "--workers", "1", *extra], one_thread_env(tracking_store))
         try:
             stage.wait_for("epoch   3/")
-            assert stage.signal(signal.SIGTERM)[0] == 143
+            assert stage.signal(signum)[0] == 128 + signum, "\n".join(stage.lines[-30:])
         finally:
             stage.stop()
-        return stage.lines[-1].split("train run ")[1].split()[0]
+        return stage
 
     mlflow.set_experiment(experiment.name)
-    first = main_killed_at_epoch_3()
-    assert mlflow.get_run(first).info.status == "KILLED"
+    stopped = main_stopped_at_epoch_3(signal.SIGINT)
+    statuses = {r.data.tags["pipeline.stage"]: r.info.status for r in runs_in(experiment)}
+    assert statuses == {"main": "KILLED", "sample_data": "FINISHED", "train": "KILLED"}
+    assert stopped.lines[-1].startswith("interrupted by SIGINT: train run ")
+    assert "run the same command again" in stopped.lines[-1]
+    [first] = [r.info.run_id for r in runs_in(experiment, "train")]
     first_before = snapshot(first)
 
-    forced = main_killed_at_epoch_3("--force", "true")
+    forced_stage = main_stopped_at_epoch_3(signal.SIGTERM, "--force", "true")
+    forced = forced_stage.lines[-1].split("train run ")[1].split()[0]
     assert forced != first, "force=true went on with the KILLED run"
+    assert mlflow.get_run(forced).info.status == "KILLED"
     assert snapshot(first) == first_before
 
-    resumed = subprocess.run(command, cwd=REPO_ROOT, env=one_thread_env(tracking_store),
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resuming KILLED run {forced} from its last checkpoint" in resumed.stdout
+    # Default workers (a pool): the resumed training runs in a worker process.
+    parent = main.run(stage_params("main", {"study": str(study), "data_dir": data_dir}))
+    assert f"resuming KILLED run {forced} from its last checkpoint" in capsys.readouterr().out
+    stages = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent,
+                                                             artifact_path="stages.csv"))
+    row = stages.set_index("stage").loc["train"]
+    assert row.run_id == forced and row.resumed and not row.reused
+    assert mlflow.get_run(parent).data.tags["pipeline.resumed_stages"] == "train-mlp4-seed0"
     assert mlflow.get_run(forced).info.status == "FINISHED"
     assert_same_training(forced, reference)
     assert snapshot(first) == first_before

@@ -202,13 +202,16 @@ class PoolExecutor:
             processes = list((self._pool._processes or {}).values())
             for process in processes:
                 _signal(process.pid, signal.SIGTERM)
+            # A busy worker that ended its run goes back to the pool for its next job: shut
+            # the pool down now, so that it is told to exit instead (else each waited out the
+            # whole grace time and was killed).
+            self._pool.shutdown(wait=False, cancel_futures=True)
             deadline = time.monotonic() + CANCEL_GRACE_S
             for process in processes:
                 process.join(max(0.0, deadline - time.monotonic()))
             for process in processes:
                 if process.is_alive():
                     _signal(process.pid, signal.SIGKILL)
-            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
             run_ids = [run.info.run_id for job_id in job_ids
                        for run in tracking.find_runs_tagged(tracking.TASK_TAG, job_id)]
