@@ -120,6 +120,19 @@ def children_names(experiment, parent_id: str) -> list[str]:
             if r.data.tags.get("mlflow.parentRunId") == parent_id]
 
 
+def test_workers_auto_starts_no_more_workers_than_the_study_has_trainings(experiment,
+                                                                         monkeypatch):
+    """A one-training study trains in main's process: a worker would only import."""
+    monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
+    auto = stage_params("main", {"workers": "auto"})
+    assert executors.local_workers("auto", 1, trainings=3) == 3
+    assert executors.local_workers("auto", 2, trainings=6) == 4
+    assert isinstance(executors.make_executor(auto, experiment.id, trainings=1),
+                      executors.LocalExecutor)
+    pool = executors.make_executor(auto, experiment.id, trainings=2)
+    assert isinstance(pool, executors.PoolExecutor) and pool.workers == 2
+
+
 def test_a_trainings_key_names_its_threads_not_the_jobs_or_the_cores(
         experiment, sample_run, monkeypatch):
     """Adding a seed, more workers or a machine with more cores leaves each training's key as
