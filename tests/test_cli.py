@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import runpy
 import subprocess
 import sys
 
@@ -124,16 +123,14 @@ def test_help_lists_the_stages():
 
 
 def test_train_with_zero_epochs_exits_2_with_a_one_line_error_and_a_failed_run(
-        tracking_store, capsys, monkeypatch, cli_environment):
-    """`python -m pipeline train --epochs 0`, its __main__ run in this process. The command in
-    a process of its own, through `mlflow run` (no traceback, the line on its stderr):
-    test_integration.py's zero-epochs test."""
+        tracking_store, capsys, cli_environment):
+    """`python -m pipeline train --epochs 0`, its main run in this process (its __main__ ends
+    the process with os._exit: pipeline.process_exit). The command in a process of its own,
+    through `mlflow run` (no traceback, the line on its stderr): test_integration.py's
+    zero-epochs test."""
     experiment = create_experiment(tracking_store, "cli-epochs-0")
-    monkeypatch.setattr(sys, "argv", ["pipeline", "train", "--epochs", "0", "--experiment",
-                                      experiment.name, "--device", "cpu"])
-    with pytest.raises(SystemExit) as exited:
-        runpy.run_module("pipeline", run_name="__main__")
-    assert exited.value.code == 2
+    code = main(["train", "--epochs", "0", "--experiment", experiment.name, "--device", "cpu"])
+    assert code == 2
     out, err = capsys.readouterr()
     assert "Traceback" not in err + out
     errors = [line for line in err.splitlines() if line.startswith("error:")]
