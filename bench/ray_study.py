@@ -84,7 +84,10 @@ def overheads(store: str, dispatched: dict[str, float]) -> dict[str, list[tuple[
     """Per 'first' and 'later' task on its worker: (before its run, in its run) seconds."""
     by_worker: dict[str, list] = {}
     for run in stage_runs(store, "train"):
-        by_worker.setdefault(run.data.tags.get("pipeline.ray_worker", "main"), []).append(run)
+        # The process that ran it: a Ray worker, a pool worker, or main's own process.
+        worker = (run.data.tags.get("pipeline.ray_worker")
+                  or run.data.tags.get("pipeline.local_worker") or "main")
+        by_worker.setdefault(worker, []).append(run)
     found: dict[str, list[tuple[float, float]]] = {"first": [], "later": []}
     for runs in by_worker.values():
         runs.sort(key=lambda r: r.info.start_time)
