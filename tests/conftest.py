@@ -21,6 +21,7 @@ import re  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
+from unittest import mock  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -156,10 +157,8 @@ def cli_environment():
     """For a test that runs `python -m pipeline`'s main in this process: what it sets in its
     process's environment (HTTP limits, progress bars off) is undone afterwards, as the end of
     its own process would."""
-    saved = os.environ.copy()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    with mock.patch.dict(os.environ):
+        yield
 
 
 def _end_active_runs() -> None:
