@@ -32,7 +32,7 @@ MODEL ?= mnist-mlp
 SERVE_PORT ?= 5001
 # make test / test-fast: the suite in TEST_WORKERS processes (pytest-xdist; 0: in this one).
 TEST_WORKERS ?= 2
-PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+PYTEST_WORKERS = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder)
 # `mlflow run` runs each stage's `python -m pipeline ...` with the python on PATH.
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true

@@ -18,9 +18,11 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["OMP_NUM_THREADS"] = "1"
 
 import re  # noqa: E402
+import sqlite3  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402
+from contextlib import closing  # noqa: E402
 from unittest import mock  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -89,11 +91,31 @@ def skip_or_fail(reason: str, ci: bool) -> None:
 # stays on one worker, so its module-scoped fixtures (servers, Ray, studies) are built once. The
 # three Ray modules are groups of their own: as one group their tests took 1,628 s or more of a
 # 2,034 s run while the other worker sat idle (docs/benchmarks.md).
+# The slowest modules are handed out first (with xdist's --no-loadscope-reorder, which
+# `make test` passes; xdist's own order is by number of tests), so that the run does not end
+# with one worker busy on a long module while the others sit idle. Slowest first, from
+# `--durations=0` of a quiet run (docs/benchmarks.md, "The test suite"); a module missing here
+# only starts later.
+SLOWEST_MODULES_FIRST = (
+    "test_ray_executor", "test_workflow", "test_ray_cluster_nodes", "test_tracking_outage",
+    "test_local_pool", "test_tune", "test_resume", "test_team_server",
+    "test_workflow_integration", "test_server_start", "test_integration", "test_auto_seeds",
+    "test_stages", "test_interrupts",
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
+    rank = {module: position for position, module in enumerate(SLOWEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(_group(item), len(rank)))
+
+
+def _group(item) -> str:
+    marker = item.get_closest_marker("xdist_group")
+    return marker.args[0] if marker.args else marker.kwargs.get("name", "")
 
 
 def pytest_runtest_setup(item):
@@ -127,12 +149,13 @@ class Experiment:
 def tracking_store(tmp_path_factory) -> TrackingStore:
     """One temporary SQLite store for the whole session (creating one costs ~1.5 s).
 
-    Autouse, so that no test can fall back on ./mlflow.db; the database file itself is only
-    created when a test first talks to the store.
+    Autouse, so that no test can fall back on ./mlflow.db; MLflow creates its tables when a
+    test first talks to the store.
     """
     root = tmp_path_factory.mktemp("mlflow")
     store = TrackingStore(uri=f"sqlite:///{root / 'mlflow.db'}", root=root)
     store.artifact_root.mkdir()
+    use_write_ahead_log(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         for var in RUN_ENV_VARS:
             mp.delenv(var, raising=False)
@@ -143,6 +166,18 @@ def tracking_store(tmp_path_factory) -> TrackingStore:
         mlflow.set_tracking_uri(store.uri)
         yield store
         _end_active_runs()
+
+
+def use_write_ahead_log(database: Path) -> None:
+    """Create the SQLite file in write-ahead-log mode, which the file keeps.
+
+    A session's store is written by this test process, its pool workers and Ray workers at
+    once; in SQLite's default mode a reader waits behind every writer, and under three xdist
+    workers on two cores a read gave up after MLflow's 20 s busy timeout ("database is
+    locked"). In WAL mode readers never wait and writers wait only for each other.
+    """
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
 
 
 @pytest.fixture(autouse=True)

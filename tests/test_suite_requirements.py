@@ -1,10 +1,12 @@
 """What the suite does on a machine that lacks real MNIST or PostgreSQL: a developer's run skips
-those tests and says what is missing; a CI run (CI=true, as .ci/run is started) fails them."""
+those tests and says what is missing; a CI run (CI=true, as .ci/run is started) fails them. And
+how it is spread over xdist workers."""
 
 from __future__ import annotations
 
 import pytest
-from conftest import MISSING_POSTGRES, MISSING_REAL_MNIST, skip_or_fail
+from conftest import (MISSING_POSTGRES, MISSING_REAL_MNIST, REPO_ROOT, SLOWEST_MODULES_FIRST,
+                      skip_or_fail)
 
 
 @pytest.mark.parametrize("reason", [MISSING_REAL_MNIST, MISSING_POSTGRES])
@@ -26,3 +28,17 @@ def test_the_marks_name_what_is_missing(request):
     from conftest import missing_requirement
 
     assert missing_requirement(request.node) is None
+
+
+def test_the_modules_handed_out_first_exist():
+    """A renamed module would silently lose its place at the head of the queue."""
+    missing = [name for name in SLOWEST_MODULES_FIRST
+               if not (REPO_ROOT / "tests" / f"{name}.py").is_file()]
+    assert not missing, f"tests/conftest.py SLOWEST_MODULES_FIRST names no module: {missing}"
+
+
+def test_the_slowest_modules_come_first_in_the_collection(request):
+    collected = [item.module.__name__ for item in request.session.items]
+    present = [name for name in SLOWEST_MODULES_FIRST if name in collected]
+    first_seen = list(dict.fromkeys(collected))
+    assert first_seen[:len(present)] == present
