@@ -105,8 +105,9 @@ class HeadWatch:
             now = time.monotonic()
             self._silent_since = self._silent_since or now
             if now - self._silent_since >= HEAD_LOST_AFTER_S:
-                raise HeadLost(f"{self.node_id[:12]} (its GCS at {self.gcs_address} has not "
-                               f"answered for {HEAD_LOST_AFTER_S:g} s)") from None
+                silent = (f"(its GCS at {self.gcs_address} has not answered for "
+                          f"{HEAD_LOST_AFTER_S:g} s)")
+                raise HeadLost(f"{self.node_id[:12]} {silent}".lstrip()) from None
         else:
             self._silent_since = None
 
