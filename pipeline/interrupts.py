@@ -21,10 +21,11 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class Interrupted(BaseException):
-    """A stop signal arrived. A BaseException, so `except Exception` cannot swallow it."""
+    """A stop signal arrived, or (`reason`, from a subclass) what the work ran on went away.
+    A BaseException, so `except Exception` cannot swallow it."""
 
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+    def __init__(self, signum: int = 0, reason: str = ""):
+        super().__init__(reason or signal.Signals(signum).name)
         self.signum = signum
         self.run_id: str | None = None  # the innermost stage run it ended, set on the way out
         self.stage: str | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -124,3 +125,49 @@ def test_a_signal_during_a_deferred_write_is_raised_when_the_write_is_done(monke
         assert info.value.exit_code == 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_ray_head_is_lost_only_after_its_gcs_stayed_silent_for_head_lost_after_s(monkeypatch):
+    """A GCS that refuses connections for less than HEAD_LOST_AFTER_S, or answers again in
+    between, is only slow; silent that long, its head is lost: a stop with its own exit code."""
+    from pipeline.scale import ray_cluster
+
+    now = [1000.0]
+    monkeypatch.setattr(ray_cluster.time, "monotonic", lambda: now[0])
+    with socket.create_server(("127.0.0.1", 0)) as answering:
+        with socket.create_server(("127.0.0.1", 0)) as closing:
+            silent = "127.0.0.1:%d" % closing.getsockname()[1]
+        watch = ray_cluster.HeadWatch("f" * 56, silent)
+        watch.check()
+        now[0] += ray_cluster.HEAD_LOST_AFTER_S - 1
+        watch.check()
+        watch.gcs_address = "127.0.0.1:%d" % answering.getsockname()[1]
+        watch.check()  # it answered: the silence starts over
+        watch.gcs_address = silent
+        now[0] += 1
+        watch.check()
+        now[0] += ray_cluster.HEAD_LOST_AFTER_S - 1
+        watch.check()
+        now[0] += 1
+        with pytest.raises(interrupts.Interrupted) as info:
+            watch.check()
+    assert isinstance(info.value, ray_cluster.HeadLost)
+    assert info.value.exit_code == ray_cluster.HEAD_LOST_EXIT_CODE
+    assert str(info.value) == (f"the loss of the Ray head node {'f' * 12} (its GCS at {silent} "
+                               f"has not answered for {ray_cluster.HEAD_LOST_AFTER_S:g} s)")
+
+
+def test_the_message_of_a_lost_head_names_each_trainings_fate_and_what_to_do():
+    from pipeline.cli import interrupted_message
+    from pipeline.scale.ray_cluster import HeadLost
+
+    lost = HeadLost("0123456789ab (its GCS at 10.0.0.1:6379 has not answered for 10 s)")
+    lost.endings = ["train-mlp4-seed0 (run r0): KILLED, resumable from its checkpoint",
+                    "train-mlp4-seed1: never started"]
+    lost.record("main", "m1")
+    assert interrupted_message("main", lost) == (
+        "interrupted by the loss of the Ray head node 0123456789ab (its GCS at 10.0.0.1:6379 has "
+        "not answered for 10 s) [train-mlp4-seed0 (run r0): KILLED, resumable from its "
+        "checkpoint; train-mlp4-seed1: never started]: main run m1 ended KILLED; run the same "
+        "command again: finished stages are reused and an interrupted training resumes from its "
+        "last checkpoint")

@@ -4,14 +4,16 @@ with ray.cluster_utils.Cluster the way Ray's own tests build one), tracking thro
 
 Each node has its own PIPELINE_CACHE_DIR, so nothing passes between nodes except through the
 tracking server: trainings spread over both nodes and agree with the local executor, a stopped
-driver ends every run KILLED, and a training whose node is lost resumes on the other node from
-the checkpoint in the artifact store. The server keeps its runs in SQLite rather than
+driver ends every run KILLED, a training whose node is lost resumes on the other node from
+the checkpoint in the artifact store, and a lost head ends the study with every run KILLED, the
+interrupted training resumable there. The server keeps its runs in SQLite rather than
 PostgreSQL (tests/test_team_server.py covers that); the login reaches the workers only as a
 task argument (the raylets are started without it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -206,10 +208,11 @@ def test_sigterm_on_the_driver_ends_every_run_on_every_node_killed(
 
 def test_a_study_spreads_over_the_nodes_resumes_a_lost_nodes_training_and_agrees_with_local(
         ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
-    """Runs last: the worker node does not come back. One training per node; the worker node
-    is lost once its training's checkpoint is in the artifact store, and that training resumes
-    on the head from there. The study ends as if nothing had happened: the local executor finds
-    every stage done, and each training equals an undisturbed one in this process."""
+    """The worker node does not come back (the next test has the head alone). One training per
+    node; the worker node is lost once its training's checkpoint is in the artifact store, and
+    that training resumes on the head from there. The study ends as if nothing had happened:
+    the local executor finds every stage done, and each training equals an undisturbed one in
+    this process."""
     experiment = on_server
     # Enough epochs that the worker node's training is still running once its first
     # checkpoint is uploaded (an epoch takes 0.3-1 s there).
@@ -219,7 +222,7 @@ def test_a_study_spreads_over_the_nodes_resumes_a_lost_nodes_training_and_agrees
                    tmp_path / "driver-cache")
     ids = node_ids(ray_nodes)
     try:
-        victim = _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes, stage)
+        victim = _training_past_its_first_checkpoint(experiment, ray_nodes, stage, "worker")
         worker_pid = int(victim.data.tags["pipeline.ray_worker"].rsplit(" ", 1)[1])
         logged = len(MlflowClient().get_metric_history(victim.info.run_id, "train_loss"))
         # What the lost node's disk held, before it goes: no login (the raylets never had it).
@@ -269,24 +272,86 @@ def test_a_study_spreads_over_the_nodes_resumes_a_lost_nodes_training_and_agrees
         assert_as_an_undisturbed_training(run, epochs)
 
 
-def _training_on_the_worker_past_its_first_checkpoint(experiment, ray_nodes: RayNodes,
-                                                      stage: Stage):
-    """The train run on the worker node once its checkpoint is in the artifact store (and,
-    until then, only in the worker node's own cache)."""
+def _training_past_its_first_checkpoint(experiment, ray_nodes: RayNodes, stage: Stage,
+                                        node: str):
+    """The train run on `node` (head or worker) once its checkpoint is in the artifact store
+    (and, until then, only in that node's own cache)."""
     client = MlflowClient()
-    worker_id = ray_nodes.worker.node_id
+    node_id = node_ids(ray_nodes)[node]
     deadline = time.monotonic() + STUDY_TIMEOUT_S
     while time.monotonic() < deadline and stage.process.poll() is None:
         for run in runs_in(experiment, "train"):
-            if run.info.status != "RUNNING" or run.data.tags.get(NODE_TAG) != worker_id:
+            if run.info.status != "RUNNING" or run.data.tags.get(NODE_TAG) != node_id:
                 continue
             local = checkpoint_store.local_dir(run.info.run_id).relative_to(
                 checkpoint_store.cache_root())
-            on_its_node = (ray_nodes.caches["worker"] / local / checkpoint_store.FILE_NAME)
+            on_its_node = (ray_nodes.caches[node] / local / checkpoint_store.FILE_NAME)
             uploaded = {a.path for a in client.list_artifacts(run.info.run_id,
                                                                checkpoint_store.ARTIFACT_DIR)}
             if on_its_node.is_file() and checkpoint_store.ARTIFACT_PATH in uploaded:
                 return run
         time.sleep(0.2)
-    pytest.fail("no training on the worker node had its first checkpoint in its node's cache "
+    pytest.fail(f"no training on the {node} node had its first checkpoint in its node's cache "
                 "and the artifact store while it ran:\n" + "\n".join(stage.lines[-30:]))
+
+
+def test_a_lost_head_ends_every_run_killed_and_the_same_study_resumes_the_lost_training(
+        ray_nodes, server, on_server, tracking_store, shared_tiny_mnist, tmp_path):
+    """Runs last: the head goes, and the cluster with it. Two trainings on the head's one CPU:
+    the first is lost past its first checkpoint, the second never starts. The driver does not
+    wait out Ray's minute of GCS retries: it ends every run, says which training resumes, and
+    exits with its own code; the same study then resumes the lost training, here, to the
+    values of an undisturbed one."""
+    from ray._private import ray_constants
+
+    experiment = on_server
+    if ray_nodes.worker in ray_nodes.cluster.worker_nodes:  # this test alone: the head only
+        ray_nodes.cluster.remove_node(ray_nodes.worker, allow_graceful=False)
+    epochs = 8
+    study = write_study(tmp_path, "headless", ["mlp4"], [0, 1], epochs=epochs, batch_size=2)
+    stage = driver(tracking_store, server, ray_nodes, experiment, study, shared_tiny_mnist.root,
+                   tmp_path / "driver-cache")
+    head = ray_nodes.head.node_id
+    try:
+        victim = _training_past_its_first_checkpoint(experiment, ray_nodes, stage, "head")
+        raylet = ray_nodes.head.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process
+        on_the_head = psutil.Process(raylet.pid).children(recursive=True)
+        lost_at = time.monotonic()
+        ray_nodes.cluster.remove_node(ray_nodes.head, allow_graceful=False)
+        # A lost machine takes its Ray workers along (the training among them).
+        for process in on_the_head:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        code = finished(stage)
+        exited_after = time.monotonic() - lost_at
+    finally:
+        stage.stop()
+    assert code == ray_cluster.HEAD_LOST_EXIT_CODE, "\n".join(stage.lines[-40:])
+
+    lost, [unstarted] = victim.info.run_name, {"train-mlp4-seed0", "train-mlp4-seed1"} - {
+        victim.info.run_name}
+    [message] = [line for line in stage.lines
+                 if line.startswith(f"interrupted by the loss of the Ray head node {head[:12]}")]
+    assert f"{lost} (run {victim.info.run_id}): KILLED, resumable from its checkpoint" in message
+    assert f"{unstarted}: never started" in message
+    assert message.endswith("run the same command again: finished stages are reused and an "
+                            "interrupted training resumes from its last checkpoint")
+    print(f"\ndriver exited {code} {exited_after:.1f} s after the head was lost: {message}")
+    [parent] = runs_in(experiment, "main")
+    assert {r.info.run_name: r.info.status for r in runs_in(experiment)} == {
+        "main-headless": "KILLED", "sample_data-first12": "FINISHED", lost: "KILLED"}
+    assert head[:12] in parent.data.tags[tracking.INTERRUPTED_TAG]
+    [killed] = runs_in(experiment, "train")
+    assert "head node was lost" in killed.data.tags[tracking.INTERRUPTED_TAG]
+    assert checkpoint_store.ARTIFACT_PATH in {
+        a.path for a in MlflowClient().list_artifacts(killed.info.run_id,
+                                                      checkpoint_store.ARTIFACT_DIR)}
+
+    # The same study again (here, without the cluster): the lost training resumes from the
+    # artifact store, to the values of an undisturbed training; the other trains afresh.
+    again = main.run(study_params(study, shared_tiny_mnist.root, workers="1"))
+    assert mlflow.get_run(again).data.tags["pipeline.resumed_stages"] == lost
+    table = stages_table(again).set_index("label")
+    assert table.loc[lost, "run_id"] == victim.info.run_id and table.loc[lost, "resumed"]
+    assert not table.loc[unstarted, "resumed"] and not table.loc[unstarted, "reused"]
+    assert_as_an_undisturbed_training(MlflowClient().get_run(victim.info.run_id), epochs)

@@ -334,6 +334,7 @@ class RayExecutor:
     address: str = ray_cluster.LOCAL
     name: str = "ray"
     _numerics: dict = field(default_factory=dict)
+    _head: ray_cluster.HeadWatch | None = None
 
     def __post_init__(self):
         ray_cluster.check_resources(self.cpus, self.gpus)
@@ -341,10 +342,17 @@ class RayExecutor:
     def start(self, jobs: int | None = None) -> None:
         pass  # Ray is joined by `session`, before any stage runs
 
-    def session(self):
+    @contextmanager
+    def session(self) -> Iterator[None]:
         """Joined before any stage runs: a cluster that cannot reach the tracking store, or has
-        no node that can hold a task, is refused before a sample is drawn."""
-        return ray_cluster.connected(self.address, self.cpus, self.gpus, warm=True)
+        no node that can hold a task, is refused before a sample is drawn. Its head is
+        watched while tasks run (ray_cluster.HeadWatch)."""
+        with ray_cluster.connected(self.address, self.cpus, self.gpus, warm=True):
+            self._head = ray_cluster.HeadWatch.of_joined_cluster()
+            try:
+                yield
+            finally:
+                self._head = None
 
     def _options(self) -> dict:
         return ray_cluster.task_options(self.cpus, self.gpus)
@@ -358,7 +366,7 @@ class RayExecutor:
             from pipeline.scale import ray_tasks
 
             task = ray.remote(ray_tasks.machine_numerics).options(name="machine", **self._options())
-            [answer] = _wait_all([task.remote(device)])
+            [answer] = _wait_all([task.remote(device)], self._head)
             if isinstance(answer, BaseException):
                 raise PipelineError(f"device={device}: the Ray worker could not report its "
                                     f"device and numerics ({_one_line(answer)})")
@@ -383,9 +391,15 @@ class RayExecutor:
                         .remote(job.stage, job.params, parent_run_id, study, credentials))
         tasks = [_Task(job, ref.task_id().hex()) for job, ref in zip(jobs, refs)]
         try:
-            results = _wait_all(refs)
+            results = _wait_all(refs, self._head)
+        except ray_cluster.HeadLost as lost:
+            # Its tasks are gone with it; those on other nodes are stopped as on a signal.
+            _cancel(refs, tasks, "the Ray head node was lost while its task ran",
+                    lost_node=self._head.node_id)
+            lost.endings = [_ending(task) for task in tasks]
+            raise
         except interrupts.Interrupted:
-            _cancel(refs, tasks)
+            _cancel(refs, tasks, "the study was stopped while its Ray task ran")
             raise
         seconds = round(time.perf_counter() - started, 2)
         return [_given_up(t, r, seconds) if isinstance(r, BaseException) else
@@ -408,6 +422,13 @@ class _Task:
         resumed = self.job.params.get("resume_run_id")
         return runs + ([resumed] if resumed and resumed not in runs else [])
 
+    def running_off(self, node_id: str) -> bool:
+        """Whether a run of this task is RUNNING on a node other than `node_id`."""
+        from pipeline.scale.ray_tasks import NODE_TAG
+
+        return any(run.info.status == "RUNNING" and run.data.tags.get(NODE_TAG) != node_id
+                   for run in tracking.find_runs_tagged(tracking.TASK_TAG, self.task_id))
+
 
 def _given_up(task: _Task, error: BaseException, seconds: float) -> Outcome:
     """The outcome of a task Ray gave up on (retries spent, or it failed before its run
@@ -428,9 +449,10 @@ def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def _wait_all(refs: list) -> list:
+def _wait_all(refs: list, head: ray_cluster.HeadWatch | None = None) -> list:
     """Every task's result, or the Ray error that ended it; waiting in short steps so a stop
-    signal is seen within a second."""
+    signal is seen within a second, and a lost `head` (HeadLost) within seconds of
+    ray_cluster.HEAD_LOST_AFTER_S."""
     import ray
 
     pending = list(refs)
@@ -438,6 +460,8 @@ def _wait_all(refs: list) -> list:
         # Not inside Ray's C++ wait: an exception raised there comes out as a SystemError.
         with interrupts.deferred():
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        if pending and head is not None:
+            head.check()
     results = []
     for ref in refs:
         try:
@@ -447,23 +471,48 @@ def _wait_all(refs: list) -> list:
     return results
 
 
-def _cancel(refs: list, tasks: list[_Task]) -> None:
+def _cancel(refs: list, tasks: list[_Task], why: str, lost_node: str = "") -> None:
     """Stop every task: SIGINT first, which ends its run KILLED; then, after the grace time,
     the worker; any run of these tasks still RUNNING then (a new one, or one they resumed)
-    is ended KILLED here."""
+    is ended KILLED here, with `why`. Tasks on a `lost_node` cannot answer: only those
+    running elsewhere are waited for."""
     import ray
 
     for ref in refs:
         ray.cancel(ref, force=False)
     deadline = time.monotonic() + CANCEL_GRACE_S
-    pending = list(refs)
+    pending = [ref for ref, task in zip(refs, tasks)
+               if not lost_node or task.running_off(lost_node)]
     with interrupts.deferred():
         while pending and time.monotonic() < deadline:
             _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
         for ref in pending:
             ray.cancel(ref, force=True)
         ray_cluster.end_orphaned_runs([run_id for task in tasks for run_id in task.run_ids()],
-                                      "KILLED", "the study was stopped while its Ray task ran")
+                                      "KILLED", why)
+
+
+def _ending(task: _Task) -> str:
+    """What became of a task's newest run, once every run of it has ended: for the message
+    that tells the user what the same command will do again."""
+    import mlflow
+
+    from pipeline.runs.checkpoint_store import has_checkpoint
+
+    run_ids = task.run_ids()
+    if not run_ids:
+        return f"{task.job.label}: never started"
+    run_id = run_ids[0]
+    status = mlflow.MlflowClient().get_run(run_id).info.status
+    if status == "FINISHED":
+        return f"{task.job.label} (run {run_id}): FINISHED"
+    try:
+        resumable = task.job.stage == "train" and has_checkpoint(run_id)
+    except PipelineError:  # the artifact store did not answer: the rerun decides
+        return f"{task.job.label} (run {run_id}): {status}, checkpoint unknown"
+    if resumable:
+        return f"{task.job.label} (run {run_id}): {status}, resumable from its checkpoint"
+    return f"{task.job.label} (run {run_id}): {status}, no checkpoint: runs anew"
 
 
 def make_executor(params: dict, experiment_id: str, trainings: int | None = None):

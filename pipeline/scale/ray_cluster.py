@@ -12,13 +12,16 @@ import os
 import signal
 import socket
 import sys
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
 import mlflow
 
+from pipeline import interrupts
 from pipeline.errors import PipelineError
 from pipeline.runs import tracking, tracking_access
 
@@ -43,6 +46,70 @@ FORWARDED_ENV = (
 # task runs (credentials_set).
 CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
                   "MLFLOW_TRACKING_TOKEN")
+# A head whose GCS has not answered for this long is taken for lost. Ray's own driver waits
+# gcs_rpc_server_reconnect_timeout_s (60 s by default) and then ends the process outright
+# (exit code 1, no cleanup), which would leave every run RUNNING: the study must end its runs
+# well before that.
+HEAD_LOST_AFTER_S = 10.0
+# EX_TEMPFAIL (sysexits.h): nothing the user did wrong; the same command again picks it up.
+HEAD_LOST_EXIT_CODE = 75
+HEAD_RESOURCE = "node:__internal_head__"
+
+
+class HeadLost(interrupts.Interrupted):
+    """The cluster's head node (its GCS) stopped answering mid-study. Like a stop signal, it
+    ends the study's open runs KILLED on the way out (tracking.stage_run); the executor lists,
+    in `endings`, what became of each of its tasks' runs, for the message."""
+
+    def __init__(self, head: str):
+        super().__init__(reason=f"the loss of the Ray head node {head}")
+        self.endings: list[str] = []
+
+    @property
+    def exit_code(self) -> int:
+        return HEAD_LOST_EXIT_CODE
+
+    def __str__(self) -> str:
+        lost = super().__str__()
+        return f"{lost} [{'; '.join(self.endings)}]" if self.endings else lost
+
+
+@dataclass
+class HeadWatch:
+    """Whether the head of the cluster this driver joined still answers: a TCP connection to
+    its GCS port, which needs no GCS client (Ray's own blocks while it retries for a minute)."""
+
+    node_id: str
+    gcs_address: str  # host:port
+    _silent_since: float | None = None
+
+    @classmethod
+    def of_joined_cluster(cls) -> "HeadWatch | None":
+        """The watch of the cluster Ray joined; None for a Ray Client driver, whose ray.wait
+        fails by itself when the client server on the head goes."""
+        import ray
+
+        if ray.util.client.ray.is_connected():
+            return None
+        heads = [node["NodeID"] for node in ray.nodes()
+                 if node.get("Alive") and HEAD_RESOURCE in node["Resources"]]
+        return cls(heads[0] if heads else "", ray.get_runtime_context().gcs_address)
+
+    def check(self) -> None:
+        """HeadLost once the GCS has refused or ignored every connection for
+        HEAD_LOST_AFTER_S; a head that answers again meanwhile was only slow."""
+        host, port = self.gcs_address.rsplit(":", 1)
+        try:
+            socket.create_connection((host, int(port)), timeout=1.0).close()
+        except OSError:
+            now = time.monotonic()
+            self._silent_since = self._silent_since or now
+            if now - self._silent_since >= HEAD_LOST_AFTER_S:
+                silent = (f"(its GCS at {self.gcs_address} has not answered for "
+                          f"{HEAD_LOST_AFTER_S:g} s)")
+                raise HeadLost(f"{self.node_id[:12]} {silent}".lstrip()) from None
+        else:
+            self._silent_since = None
 
 
 def check_resources(cpus: int, gpus: float) -> None:
