@@ -88,19 +88,20 @@ def skip_or_fail(reason: str, ci: bool) -> None:
 
 
 # `make test` spreads the suite over worker processes (pytest-xdist, --dist loadgroup): a module
-# stays on one worker, so its module-scoped fixtures (servers, Ray, studies) are built once. The
-# three Ray modules are groups of their own: as one group their tests took 1,628 s or more of a
-# 2,034 s run while the other worker sat idle (docs/benchmarks.md).
-# The slowest modules are handed out first (with xdist's --no-loadscope-reorder, which
-# `make test` passes; xdist's own order is by number of tests), so that the run does not end
-# with one worker busy on a long module while the others sit idle. Slowest first, from
-# `--durations=0` of a quiet run (docs/benchmarks.md, "The test suite"); a module missing here
-# only starts later.
-SLOWEST_MODULES_FIRST = (
-    "test_ray_executor", "test_workflow", "test_ray_cluster_nodes", "test_tracking_outage",
-    "test_local_pool", "test_tune", "test_resume", "test_team_server",
-    "test_workflow_integration", "test_server_start", "test_integration", "test_auto_seeds",
-    "test_stages", "test_interrupts",
+# stays on one worker, so its module-scoped fixtures (servers, Ray, studies) are built once.
+# The modules that start Ray share one group, so no two Ray clusters run at once: each starts a
+# dozen processes, and run side by side on two cores they tripled each other's time (3 workers,
+# 2026-12-02: 1,283 s of summed test time against 662 s). That group and then the slowest
+# modules are handed out first (`make test` passes --no-loadscope-reorder; xdist's own order is
+# by number of tests), so the run does not end with one worker busy on a long module while the
+# others sit idle. Slowest first, from `--durations=0` of a quiet run (docs/benchmarks.md, "The
+# test suite"); a module missing here only starts later.
+RAY_MODULES = ("test_ray_executor", "test_ray_cluster_nodes", "test_tune")
+RAY_GROUP = "ray"
+SLOWEST_GROUPS_FIRST = (
+    RAY_GROUP, "test_workflow", "test_tracking_outage", "test_local_pool", "test_resume",
+    "test_team_server", "test_workflow_integration", "test_server_start", "test_integration",
+    "test_auto_seeds", "test_stages", "test_interrupts",
 )
 
 
@@ -108,8 +109,10 @@ SLOWEST_MODULES_FIRST = (
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__.rpartition(".")[2]))
-    rank = {module: position for position, module in enumerate(SLOWEST_MODULES_FIRST)}
+            module = item.module.__name__.rpartition(".")[2]
+            group = RAY_GROUP if module in RAY_MODULES else module
+            item.add_marker(pytest.mark.xdist_group(group))
+    rank = {group: position for position, group in enumerate(SLOWEST_GROUPS_FIRST)}
     items.sort(key=lambda item: rank.get(_group(item), len(rank)))
 
 

@@ -5,8 +5,8 @@ how it is spread over xdist workers."""
 from __future__ import annotations
 
 import pytest
-from conftest import (MISSING_POSTGRES, MISSING_REAL_MNIST, REPO_ROOT, SLOWEST_MODULES_FIRST,
-                      skip_or_fail)
+from conftest import (MISSING_POSTGRES, MISSING_REAL_MNIST, RAY_GROUP, RAY_MODULES, REPO_ROOT,
+                      SLOWEST_GROUPS_FIRST, skip_or_fail)
 
 
 @pytest.mark.parametrize("reason", [MISSING_REAL_MNIST, MISSING_POSTGRES])
@@ -30,15 +30,19 @@ def test_the_marks_name_what_is_missing(request):
     assert missing_requirement(request.node) is None
 
 
-def test_the_modules_handed_out_first_exist():
-    """A renamed module would silently lose its place at the head of the queue."""
-    missing = [name for name in SLOWEST_MODULES_FIRST
-               if not (REPO_ROOT / "tests" / f"{name}.py").is_file()]
-    assert not missing, f"tests/conftest.py SLOWEST_MODULES_FIRST names no module: {missing}"
+def test_the_modules_named_for_the_workers_exist():
+    """A renamed module would silently lose its place in the queue, or its Ray group."""
+    named = [*RAY_MODULES, *(g for g in SLOWEST_GROUPS_FIRST if g != RAY_GROUP)]
+    missing = [name for name in named if not (REPO_ROOT / "tests" / f"{name}.py").is_file()]
+    assert not missing, f"tests/conftest.py names no such test module: {missing}"
 
 
-def test_the_slowest_modules_come_first_in_the_collection(request):
-    collected = [item.module.__name__ for item in request.session.items]
-    present = [name for name in SLOWEST_MODULES_FIRST if name in collected]
-    first_seen = list(dict.fromkeys(collected))
+def test_the_ray_modules_share_one_group_handed_out_first(request):
+    items = request.session.items
+    groups = {item.module.__name__: item.get_closest_marker("xdist_group").args[0]
+              for item in items}
+    assert all(groups[name] == RAY_GROUP for name in RAY_MODULES if name in groups)
+    present = [group for group in SLOWEST_GROUPS_FIRST if group in groups.values()]
+    first_seen = list(dict.fromkeys(item.get_closest_marker("xdist_group").args[0]
+                                    for item in items))
     assert first_seen[:len(present)] == present
