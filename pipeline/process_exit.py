@@ -17,14 +17,18 @@ from typing import NoReturn
 
 
 def exit_promptly(code: int) -> NoReturn:
-    """Exit with `code` now, after the atexit handlers; as sys.exit(code) would have, minus
-    the interpreter's teardown. With a non-daemon thread still running, exit the usual way,
-    which waits for it."""
-    busy = [thread for thread in threading.enumerate()
-            if thread is not threading.current_thread() and not thread.daemon and thread.is_alive()]
-    if busy:
+    """Exit with `code` now, as sys.exit(code) would have, minus the interpreter's teardown.
+
+    First what the interpreter does first at exit: its thread-exit hooks (which tell idle
+    thread pools, such as the one MLflow's artifact repository keeps, to stop) and a wait for
+    every non-daemon thread; then the atexit handlers. Called outside the main thread, it
+    exits the usual way."""
+    if threading.current_thread() is not threading.main_thread():
         sys.exit(code)
-    # Private but stable (CPython since 3.0): the same handlers the interpreter would run.
+    # Both private but stable (CPython 3.x): the interpreter's own exit calls them, in this
+    # order. Without the first, one idle MLflow pool thread sent every pool worker and main
+    # through the whole teardown: 2.5-3.7 s at the end of each study (2026-12-02).
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -45,3 +45,26 @@ def test_a_thread_still_working_is_waited_for(tmp_path):
     assert done.returncode == 0, done.stderr
     assert marker.read_text() == "done"
 
+
+
+def test_an_idle_thread_pool_is_stopped_not_waited_on_with_a_teardown(tmp_path):
+    """MLflow's artifact repository keeps a pool of threads; idle, they must not make the
+    process tear everything down (no finalizer runs) nor lose the pool's finished work."""
+    marker = tmp_path / "pool-job-finished"
+    done = run_python(f"""
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+        from pipeline.process_exit import exit_promptly
+
+        class TornDown:
+            def __del__(self):
+                print("torn down", flush=True)
+
+        kept = TornDown()
+        pool = ThreadPoolExecutor(2)
+        pool.submit(lambda: (time.sleep(0.5), open({str(marker)!r}, "w").write("done")))
+        exit_promptly(4)
+    """)
+    assert done.returncode == 4, done.stderr
+    assert marker.read_text() == "done"
+    assert "torn down" not in done.stdout
