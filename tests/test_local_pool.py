@@ -244,6 +244,33 @@ def test_sigterm_on_main_ends_every_pooled_training_killed_and_resumable(
     assert not left, f"pool workers outlived the study: {left}"
 
 
+def test_main_killed_outright_ends_every_pooled_training_killed_and_its_workers(
+        tracking_store, shared_tiny_mnist, tmp_path):
+    """SIGKILL to main alone (no handler runs in it): each worker, its parent gone, ends its
+    run KILLED and resumable, then exits rather than wait on the pool's queues forever."""
+    experiment, stage = _pooled_main(tracking_store, shared_tiny_mnist, tmp_path, "pool-kill")
+    names = {"train-mlp4-seed0", "train-mlp4-seed1"}
+    try:
+        runs = _wait_for_checkpoints(experiment, names, lambda: stage.process.poll() is None,
+                                     lambda: stage.lines)
+        workers = [psutil.Process(int(run.data.tags[WORKER_TAG].split()[-1]))
+                   for run in runs.values()]
+        os.kill(stage.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and (
+                {r.info.status for r in runs_in(experiment, "train")} != {"KILLED"}
+                or any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)):
+            time.sleep(0.5)
+    finally:
+        stage.stop()
+    for run in runs_in(experiment, "train"):
+        assert run.info.status == "KILLED", run.info.run_name
+        assert tracking.INTERRUPTED_TAG in run.data.tags
+        assert checkpoint_store.has_checkpoint(run.info.run_id)
+    left = [w.pid for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    assert not left, f"pool workers outlived their killed main: {left}"
+
+
 def test_a_killed_worker_fails_its_run_and_the_study_names_it(
         experiment, shared_tiny_mnist, tmp_path, capsys):
     """main in this process, as the command line runs it; the process killed is a worker."""

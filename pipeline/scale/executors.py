@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
@@ -40,6 +41,8 @@ EXECUTORS = ("local", "ray")
 CANCEL_GRACE_S = 20.0
 # Attempts after the first when a task's worker dies (killed, out of memory, node lost).
 TASK_RETRIES = 3
+# Where a pool worker finds main's pid, which is not its parent's (the fork server's).
+_MAIN_PID_ENV = "PIPELINE_POOL_MAIN_PID"
 # What a pool worker imports before its first job, while main draws the sample.
 WARM_IMPORTS = ("torch", "mlflow", "pipeline.stages.train", "pipeline.stages.evaluate")
 
@@ -101,9 +104,10 @@ class LocalExecutor:
 @dataclass
 class PoolExecutor:
     """Jobs side by side in `workers` processes of this machine, each training with `threads`
-    torch threads. The workers are started with `spawn` (a fork of a process that imported
-    torch or mlflow can deadlock) and import torch and the stages before their first job
-    (`start`, which main calls before it draws the sample, so the two overlap).
+    torch threads. The workers are forked from multiprocessing's fork server, which imports
+    torch and the stages once (_PromptlyExitingProcess), never from main (a fork of a process
+    that ran torch or opened MLflow's store can deadlock); `start`, which main calls before it
+    draws the sample, starts them, so their start and the sample overlap.
 
     Like Ray's tasks: every job ends before a failure is reported; a job that raises ends its
     run FAILED; a stop signal ends every running training KILLED, resumable from its
@@ -128,11 +132,14 @@ class PoolExecutor:
                "MLFLOW_EXPERIMENT_ID": self.experiment_id,
                THREADS_ENV: str(self.threads),
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        self._pool = ProcessPoolExecutor(self.workers, _SpawnContext(),
-                                         initializer=_start_worker, initargs=(env,))
-        # A spawn pool starts a worker per submitted call while none is idle: one call each.
-        for _ in range(self.workers if jobs is None else min(self.workers, jobs)):
-            self._pool.submit(os.getpid)
+        main_env = {**os.environ, _MAIN_PID_ENV: str(os.getpid())}
+        pool = ProcessPoolExecutor(self.workers, _ForkServerContext(), initializer=_start_worker,
+                                   initargs=(main_env, os.getcwd(), env))
+        self._pool = pool
+        # A pool starts a worker per submitted call while none is idle: one call each. From a
+        # thread, since the first start waits for the fork server's imports.
+        warm = self.workers if jobs is None else min(self.workers, jobs)
+        threading.Thread(target=_warm, args=(pool, warm), daemon=True).start()
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -220,18 +227,37 @@ class PoolExecutor:
         return run_ids
 
 
-class _PromptlyExitingProcess(multiprocessing.context.SpawnProcess):
+class _PromptlyExitingProcess(multiprocessing.context.ForkServerProcess):
     """A pool worker that, told by the pool to stop, exits without tearing down torch and
-    MLflow (pipeline.process_exit): 3-5 s the study's end would otherwise wait for."""
+    MLflow (pipeline.process_exit): 3-5 s the study's end would otherwise wait for.
+
+    Forked from multiprocessing's fork server, a process that imported torch, MLflow and the
+    stages once (WARM_IMPORTS) and did nothing else: no thread pool of torch's started, no
+    store opened, which is what makes a fork of torch or MLflow unsafe, and main's never
+    forked. Each worker then costs milliseconds instead of its own imports (about 5 s of CPU,
+    which competed with sample_data for the cores)."""
 
     def run(self) -> None:
         super().run()
         exit_promptly(0)
 
 
-class _SpawnContext(multiprocessing.context.SpawnContext):
-    # Spawn, not fork: a fork of a process that imported torch or mlflow can deadlock.
+class _ForkServerContext(multiprocessing.context.ForkServerContext):
     Process = _PromptlyExitingProcess
+
+    def __init__(self):
+        super().__init__()
+        # torch._dynamo: what the first mlflow.pytorch.log_model (pt2, torch.export) imports,
+        # 1.5 s of each training otherwise.
+        self.set_forkserver_preload([*WARM_IMPORTS, "torch._dynamo"])
+
+
+def _warm(pool: ProcessPoolExecutor, workers: int) -> None:
+    try:
+        for _ in range(workers):
+            pool.submit(os.getpid)
+    except RuntimeError:  # shut down meanwhile (a stop, or a study with nothing to run)
+        pass
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -248,9 +274,18 @@ def _job_run_ids(job: Job, job_id: str) -> list[str]:
     return runs + ([resumed] if resumed and resumed not in runs else [])
 
 
-def _start_worker(env: dict[str, str]) -> None:
-    """A pool worker's start: the study's tracking store and experiment, its torch threads
-    set before torch is imported, and the imports of its jobs done before the first one."""
+_main_pid = os.getppid()  # a pool worker's main (_start_worker sets it)
+
+
+def _start_worker(main_env: dict[str, str], main_cwd: str, env: dict[str, str]) -> None:
+    """A pool worker's start: main's environment and folder as they are now (the fork server
+    kept those of its own start), the study's tracking store and experiment, its torch
+    threads, and the imports of its jobs done before the first one."""
+    global _main_pid
+    _main_pid = int(main_env[_MAIN_PID_ENV])
+    os.environ.clear()
+    os.environ.update(main_env)
+    os.chdir(main_cwd)
     # `mlflow run` sets these for main; a worker that kept them would log into main's run.
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         os.environ.pop(name, None)
@@ -258,6 +293,7 @@ def _start_worker(env: dict[str, str]) -> None:
     # Ctrl-C reaches every process of the terminal's group: an idle worker leaves it to main,
     # a busy one ends its run KILLED (nested_stage.run_nested installs the handler).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _let_the_fork_server_end_with_main()
     interrupts.stop_with_parent()  # main killed outright: the running job ends KILLED
     import importlib
 
@@ -270,16 +306,41 @@ def _start_worker(env: dict[str, str]) -> None:
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
 
 
+def _let_the_fork_server_end_with_main() -> None:
+    """Drop this worker's copy of the fork server's "alive" pipe. The server ends once every
+    holder has closed it; main is then the last, so main killed outright ends the server,
+    and the server's end ends this worker (stop_with_parent: the server is its parent)."""
+    from multiprocessing import forkserver
+
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)  # private, 3.8+
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass  # not inherited: nothing holds the server up
+
+
 def _run_job(stage: str, params: dict, label: str, parent_run_id: str, job_id: str) -> dict:
     """One job in a pool worker, its output lines prefixed with its label."""
     from pipeline.scale.nested_stage import run_nested
 
     started = time.perf_counter()
     tags = {tracking.TASK_TAG: job_id, "pipeline.local_worker": f"pid {os.getpid()}"}
-    with _prefixed_output(f"({label}) "):
-        outcome = run_nested(stage, params, parent_run_id, tags)
+    try:
+        with _prefixed_output(f"({label}) "):
+            outcome = run_nested(stage, params, parent_run_id, tags)
+    finally:
+        _exit_if_main_is_gone()
     outcome["seconds"] = round(time.perf_counter() - started, 2)
     return outcome
+
+
+def _exit_if_main_is_gone() -> None:
+    """Main killed outright ended this job KILLED (stop_with_parent); nobody will read its
+    outcome, and the pool's queues, whose locks may be held by a dead process, would keep
+    this worker waiting forever (as they did every worker of a killed main, 2026-12-02)."""
+    if not psutil.pid_exists(_main_pid):
+        exit_promptly(1)
 
 
 class _Prefixed:
