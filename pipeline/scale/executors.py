@@ -41,8 +41,6 @@ EXECUTORS = ("local", "ray")
 CANCEL_GRACE_S = 20.0
 # Attempts after the first when a task's worker dies (killed, out of memory, node lost).
 TASK_RETRIES = 3
-# Where a pool worker finds main's pid, which is not its parent's (the fork server's).
-_MAIN_PID_ENV = "PIPELINE_POOL_MAIN_PID"
 # What a pool worker imports before its first job, while main draws the sample.
 WARM_IMPORTS = ("torch", "mlflow", "pipeline.stages.train", "pipeline.stages.evaluate")
 
@@ -132,9 +130,8 @@ class PoolExecutor:
                "MLFLOW_EXPERIMENT_ID": self.experiment_id,
                THREADS_ENV: str(self.threads),
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        main_env = {**os.environ, _MAIN_PID_ENV: str(os.getpid())}
         pool = ProcessPoolExecutor(self.workers, _ForkServerContext(), initializer=_start_worker,
-                                   initargs=(main_env, os.getcwd(), env))
+                                   initargs=(os.getpid(), dict(os.environ), os.getcwd(), env))
         self._pool = pool
         # A pool starts a worker per submitted call while none is idle: one call each. From a
         # thread, since the first start waits for the fork server's imports.
@@ -274,15 +271,16 @@ def _job_run_ids(job: Job, job_id: str) -> list[str]:
     return runs + ([resumed] if resumed and resumed not in runs else [])
 
 
-_main_pid = os.getppid()  # a pool worker's main (_start_worker sets it)
+_main_pid = os.getppid()  # a pool worker's main, which is not its parent (the fork server)
 
 
-def _start_worker(main_env: dict[str, str], main_cwd: str, env: dict[str, str]) -> None:
+def _start_worker(main_pid: int, main_env: dict[str, str], main_cwd: str,
+                  env: dict[str, str]) -> None:
     """A pool worker's start: main's environment and folder as they are now (the fork server
     kept those of its own start), the study's tracking store and experiment, its torch
     threads, and the imports of its jobs done before the first one."""
     global _main_pid
-    _main_pid = int(main_env[_MAIN_PID_ENV])
+    _main_pid = main_pid
     os.environ.clear()
     os.environ.update(main_env)
     os.chdir(main_cwd)
