@@ -228,11 +228,11 @@ class _PromptlyExitingProcess(multiprocessing.context.ForkServerProcess):
     """A pool worker that, told by the pool to stop, exits without tearing down torch and
     MLflow (pipeline.process_exit): 3-5 s the study's end would otherwise wait for.
 
-    Forked from multiprocessing's fork server, a process that imported torch, MLflow and the
-    stages once (WARM_IMPORTS) and did nothing else: no thread pool of torch's started, no
-    store opened, which is what makes a fork of torch or MLflow unsafe, and main's never
-    forked. Each worker then costs milliseconds instead of its own imports (about 5 s of CPU,
-    which competed with sample_data for the cores)."""
+    Forked from multiprocessing's fork server: a process that imported torch, MLflow and the
+    stages once (WARM_IMPORTS) and did nothing else. A fork is unsafe once torch has run its
+    thread pool or MLflow has opened a store; the server has done neither, and main, which
+    has, is never forked. A worker then starts in milliseconds instead of importing it all
+    itself (about 5 s of CPU, which competed with sample_data for the cores)."""
 
     def run(self) -> None:
         super().run()
@@ -336,7 +336,8 @@ def _run_job(stage: str, params: dict, label: str, parent_run_id: str, job_id: s
 def _exit_if_main_is_gone() -> None:
     """Main killed outright ended this job KILLED (stop_with_parent); nobody will read its
     outcome, and the pool's queues, whose locks may be held by a dead process, would keep
-    this worker waiting forever (as they did every worker of a killed main, 2026-12-02)."""
+    this worker waiting forever (as they kept both workers of a killed main once, by hand,
+    2026-12-02)."""
     if not psutil.pid_exists(_main_pid):
         exit_promptly(1)
 
