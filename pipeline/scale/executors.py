@@ -337,9 +337,21 @@ def _exit_if_main_is_gone() -> None:
     """Main killed outright ended this job KILLED (stop_with_parent); nobody will read its
     outcome, and the pool's queues, whose locks may be held by a dead process, would keep
     this worker waiting forever (as they kept both workers of a killed main once, by hand,
-    2026-12-02)."""
-    if not psutil.pid_exists(_main_pid):
-        exit_promptly(1)
+    2026-12-02). It exits at once, since even an orderly exit can wait on them."""
+    try:
+        # A main killed outright is a zombie until its own parent reaps it: gone all the same.
+        gone = psutil.Process(_main_pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        gone = True
+    if gone:
+        # The job's runs are ended and nobody reads what is left: nothing for atexit
+        # handlers or a wait on threads to do, and the pool's half-torn queues to block on.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(1)
 
 
 class _Prefixed:
