@@ -13,6 +13,7 @@ from torch import nn
 from pipeline.cache.machine import resolve_device
 from pipeline.core.config import load_model_config
 from pipeline.core.data import draw_sample
+from pipeline.core.mlp_step import MlpStep
 from pipeline.core.models import build_model
 from pipeline.errors import PipelineError
 from pipeline.core.training import (
@@ -245,14 +246,27 @@ def test_invalid_checkpoint_every_is_rejected(tiny_data, every):
               checkpoint_every=every)
 
 
-@pytest.mark.parametrize("name", ["mlp3", "mlp4"])
-def test_the_loop_is_bit_for_bit_the_plain_loop(tiny_data, name):
+MIXED_MLP = {"type": "mlp", "hidden": [{"units": 24, "batch_norm": True}, {"units": 16},
+                                       {"units": 12, "batch_norm": True}]}
+
+
+@pytest.mark.parametrize("spec, normalize", [
+    ("mlp3", False), ("mlp4", False), ("mlp4", True), (MIXED_MLP, True), (MIXED_MLP, False),
+], ids=["mlp3", "mlp4", "mlp4-normalized", "mixed-normalized", "mixed"])
+def test_the_loop_is_bit_for_bit_the_plain_loop(tiny_data, spec, normalize):
     """What makes the loop fast (one gather per epoch into reused buffers, fused SGD, one eval
-    pass over both splits) changes no bit: the weights, BatchNorm statistics and accuracies
-    are exactly those of the loop written out plainly, with the same shuffle generator."""
+    pass over both splits, an MLP's backward written out: pipeline.core.mlp_step) changes no
+    bit: the weights, BatchNorm statistics and accuracies are exactly those of the loop
+    written out plainly with autograd, with the same shuffle generator."""
     (x_train, y_train), (x_test, y_test) = tiny_data
     settings = TrainSettings(epochs=3, batch_size=16, device="cpu")
-    model = fresh_model(name)
+    torch.manual_seed(0)
+    model = build_model(load_model_config(spec).model if isinstance(spec, str) else spec,
+                        normalize=normalize)
+    probe = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=settings.momentum,
+                            fused=True)
+    assert MlpStep.for_model(model, probe, torch.device("cpu"), "fp32") is not None, \
+        "this model must take the written-out step, or the test proves nothing about it"
     reference = copy.deepcopy(model)
     history = train(model, *tiny_data, settings)
 
@@ -276,3 +290,23 @@ def test_the_loop_is_bit_for_bit_the_plain_loop(tiny_data, name):
         for split, (x, y) in zip(("train", "test"), tiny_data):
             accuracy = (reference(x).argmax(1) == y).double().mean().item()
             assert history[-1][f"{split}_accuracy"] == accuracy
+
+
+def test_only_a_plain_fp32_cpu_mlp_with_fused_momentum_sgd_skips_autograd():
+    """Where the written-out step is not known to equal autograd's, training uses autograd."""
+    cpu = torch.device("cpu")
+    model = fresh_model("mlp3")
+
+    def sgd(params, **options):
+        return torch.optim.SGD(params, **{"lr": 0.01, "momentum": 0.9, "fused": True, **options})
+
+    assert MlpStep.for_model(model, sgd(model.parameters()), cpu, "fp32") is not None
+    assert MlpStep.for_model(model, sgd(model.parameters()), cpu, "bf16") is None
+    assert MlpStep.for_model(model, sgd(model.parameters(), fused=False), cpu, "fp32") is None
+    assert MlpStep.for_model(model, sgd(model.parameters(), momentum=0.0), cpu, "fp32") is None
+    assert MlpStep.for_model(model, sgd(list(model.parameters())[:2]), cpu, "fp32") is None
+    assert MlpStep.for_model(model, torch.optim.Adam(model.parameters()), cpu, "fp32") is None
+    dropout = nn.Sequential(nn.Linear(784, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 10))
+    assert MlpStep.for_model(dropout, sgd(dropout.parameters()), cpu, "fp32") is None
+    vgg = build_model(load_model_config("vgg11").model)
+    assert MlpStep.for_model(vgg, sgd(vgg.parameters()), cpu, "fp32") is None
