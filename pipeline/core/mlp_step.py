@@ -29,7 +29,7 @@ class MlpStep:
     builds for `type: mlp`), trained in fp32 on the CPU with plain momentum SGD.
     """
 
-    def __init__(self, model: nn.Sequential, optimizer: torch.optim.SGD, scale: float | None,
+    def __init__(self, optimizer: torch.optim.SGD, scale: float | None,
                  blocks: list[tuple[nn.Linear, nn.BatchNorm1d | None]], output: nn.Linear):
         self.optimizer = optimizer
         self.group = optimizer.param_groups[0]
@@ -71,7 +71,7 @@ class MlpStep:
             return None
         if not all(linear.bias is not None for linear, _ in [*blocks, (layers[0], None)]):
             return None
-        return cls(model, optimizer, scale, blocks, layers[0])
+        return cls(optimizer, scale, blocks, layers[0])
 
     def __call__(self, xb: torch.Tensor, yb: torch.Tensor) -> None:
         with torch.no_grad():
