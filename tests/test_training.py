@@ -308,5 +308,7 @@ def test_only_a_plain_fp32_cpu_mlp_with_fused_momentum_sgd_skips_autograd():
     assert MlpStep.for_model(model, torch.optim.Adam(model.parameters()), cpu, "fp32") is None
     dropout = nn.Sequential(nn.Linear(784, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 10))
     assert MlpStep.for_model(dropout, sgd(dropout.parameters()), cpu, "fp32") is None
+    double = fresh_model("mlp3").double()
+    assert MlpStep.for_model(double, sgd(double.parameters()), cpu, "fp32") is None
     vgg = build_model(load_model_config("vgg11").model)
     assert MlpStep.for_model(vgg, sgd(vgg.parameters()), cpu, "fp32") is None

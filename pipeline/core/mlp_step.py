@@ -44,8 +44,8 @@ class MlpStep:
     def for_model(cls, model: nn.Module, optimizer: torch.optim.Optimizer,
                   device: torch.device, precision: str) -> MlpStep | None:
         """The step for `model`, or None where only autograd is known to be right: another
-        architecture, a GPU, bf16, or an optimizer other than one group of fused momentum SGD
-        over exactly the model's parameters."""
+        architecture, a GPU, bf16 or fp64 weights, or an optimizer other than one group of fused
+        momentum SGD over exactly the model's parameters."""
         if (device.type != "cpu" or precision != "fp32" or not isinstance(model, nn.Sequential)
                 or not _fused_momentum_sgd(optimizer, model)):
             return None
@@ -147,4 +147,4 @@ def _fused_momentum_sgd(optimizer: torch.optim.Optimizer, model: nn.Module) -> b
     return (group.get("fused") is True and group["momentum"] > 0
             and len(group["params"]) == len(model_params)
             and all(a is b for a, b in zip(group["params"], model_params))
-            and all(p.requires_grad for p in model_params))
+            and all(p.requires_grad and p.dtype == torch.float32 for p in model_params))
