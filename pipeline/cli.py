@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = vars(build_parser().parse_args(argv))
     stage, experiment = args.pop("stage"), args.pop("experiment")
+    if stage == "main":
+        # First: the pool's fork server then loads torch and MLflow beside this process's
+        # own imports (seconds on one core), not after them.
+        from pipeline.scale.pool_processes import start_for_study
+
+        start_for_study(args)
     from pipeline.runs import tracking, tracking_access
     from pipeline.stage_index import STAGES
 

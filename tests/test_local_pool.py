@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Callable
 import mlflow
 import psutil
 import pytest
-from conftest import (Experiment, create_experiment, runs_in, subprocess_env,
+from conftest import (REPO_ROOT, Experiment, create_experiment, runs_in, subprocess_env,
                       use_new_experiment)
 from mlflow import MlflowClient
 from test_interrupts import Stage
@@ -29,7 +30,7 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import PipelineError
 from pipeline.parameters import stage_params
 from pipeline.runs import checkpoint_store, tracking
-from pipeline.scale import executors, ray_tasks
+from pipeline.scale import executors, pool_processes, ray_tasks
 from pipeline.stages import main, train
 
 # Real processes (Ray, a process pool) started, signalled and killed: make test, not test-fast.
@@ -125,8 +126,8 @@ def test_workers_auto_starts_no_more_workers_than_the_study_has_trainings(experi
     """A one-training study trains in main's process: a worker would only import."""
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 8)
     auto = stage_params("main", {"workers": "auto"})
-    assert executors.local_workers("auto", 1, trainings=3) == 3
-    assert executors.local_workers("auto", 2, trainings=6) == 4
+    assert pool_processes.local_workers("auto", 1, trainings=3) == 3
+    assert pool_processes.local_workers("auto", 2, trainings=6) == 4
     assert isinstance(executors.make_executor(auto, experiment.id, trainings=1),
                       executors.LocalExecutor)
     pool = executors.make_executor(auto, experiment.id, trainings=2)
@@ -147,7 +148,7 @@ def test_a_trainings_key_names_its_threads_not_the_jobs_or_the_cores(
     alone = key(fit, workers="2")
     assert key(fit, workers="1") == key(fit, workers="3") == alone
     monkeypatch.setattr(psutil, "cpu_count", lambda logical=True: 64)
-    assert executors.local_workers("auto", 1) == 64
+    assert pool_processes.local_workers("auto", 1) == 64
     assert key(fit, workers="auto") == alone
     assert key(fit, workers="auto", threads=2) != alone
     # A Ray task with cpus_per_trial=1 gets OMP_NUM_THREADS=1 (ray_cluster.worker_env) and
@@ -326,3 +327,35 @@ def test_bad_pool_settings_fail_before_any_stage(experiment, shared_tiny_mnist, 
         with pytest.raises(PipelineError, match=message):
             main.run(study_params(study, shared_tiny_mnist.root, **overrides))
     assert [r.info.status for r in runs_in(experiment)] == ["FAILED"] * 3
+
+
+def test_a_pooled_main_that_ends_early_stops_its_fork_server_with_it(tmp_path):
+    """main starts the pool's fork server before anything else (its loading overlaps main's
+    own); a main that ends before the server has loaded, here on a tracking server that does
+    not answer, stops it on exit rather than leave it loading for seconds with main's output
+    open (`mlflow run . | tee log` would wait for it)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI="http://127.0.0.1:9", MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+               MLFLOW_DISABLE_TELEMETRY="true")
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "main", "--workers", "2",
+                                "--data_dir", str(tmp_path)], cwd=REPO_ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        server = None
+        deadline = time.monotonic() + 60
+        while server is None and process.poll() is None and time.monotonic() < deadline:
+            try:
+                server = next((child for child in psutil.Process(process.pid).children()
+                               if "forkserver" in " ".join(child.cmdline())), None)
+            except psutil.Error:
+                pass  # main, or a child, ended meanwhile
+            time.sleep(0.02)
+        code = process.wait(timeout=60)
+        _, alive = psutil.wait_procs([server] if server else [], timeout=2)
+        output = process.communicate(timeout=60)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert server is not None, f"main with workers=2 started no fork server:\n{output}"
+    assert code == 2 and "error: " in output, output
+    assert not alive, "the fork server outlived the main that started it"

@@ -11,6 +11,7 @@ them (machine.numerics): adding a seed, or a machine with more cores, changes no
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import signal
@@ -30,10 +31,10 @@ import psutil
 from pipeline import interrupts
 from pipeline.cache.machine import THREADS_ENV, numerics, resolve_device
 from pipeline.errors import PipelineError
-from pipeline.process_exit import exit_promptly
 from pipeline.runs import tracking
 from pipeline.runs.tracking_access import environment_set
 from pipeline.scale import ray_cluster
+from pipeline.scale.pool_processes import WARM_UP, ForkServerContext, local_workers
 from pipeline.stage_index import STAGES
 
 EXECUTORS = ("local", "ray")
@@ -41,8 +42,6 @@ EXECUTORS = ("local", "ray")
 CANCEL_GRACE_S = 20.0
 # Attempts after the first when a task's worker dies (killed, out of memory, node lost).
 TASK_RETRIES = 3
-# What a pool worker imports before its first job, while main draws the sample.
-WARM_IMPORTS = ("torch", "mlflow", "pipeline.stages.train", "pipeline.stages.evaluate")
 
 
 @dataclass
@@ -103,9 +102,10 @@ class LocalExecutor:
 class PoolExecutor:
     """Jobs side by side in `workers` processes of this machine, each training with `threads`
     torch threads. The workers are forked from multiprocessing's fork server, which imports
-    torch and the stages once (_PromptlyExitingProcess), never from main (a fork of a process
-    that ran torch or opened MLflow's store can deadlock); `start`, which main calls before it
-    draws the sample, starts them, so their start and the sample overlap.
+    torch and the stages once (pool_processes), never from main (a fork of a process that ran
+    torch or opened MLflow's store can deadlock). main starts the server before it imports
+    MLflow and the workers before it draws the sample (`start`), so that their start-up
+    overlaps main's own.
 
     Like Ray's tasks: every job ends before a failure is reported; a job that raises ends its
     run FAILED; a stop signal ends every running training KILLED, resumable from its
@@ -130,7 +130,7 @@ class PoolExecutor:
                "MLFLOW_EXPERIMENT_ID": self.experiment_id,
                THREADS_ENV: str(self.threads),
                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-        pool = ProcessPoolExecutor(self.workers, _ForkServerContext(), initializer=_start_worker,
+        pool = ProcessPoolExecutor(self.workers, ForkServerContext(), initializer=_start_worker,
                                    initargs=(os.getpid(), dict(os.environ), os.getcwd(), env))
         self._pool = pool
         # A pool starts a worker per submitted call while none is idle: one call each. From a
@@ -224,31 +224,6 @@ class PoolExecutor:
         return run_ids
 
 
-class _PromptlyExitingProcess(multiprocessing.context.ForkServerProcess):
-    """A pool worker that, told by the pool to stop, exits without tearing down torch and
-    MLflow (pipeline.process_exit): 3-5 s the study's end would otherwise wait for.
-
-    Forked from multiprocessing's fork server: a process that imported torch, MLflow and the
-    stages once (WARM_IMPORTS) and did nothing else. A fork is unsafe once torch has run its
-    thread pool or MLflow has opened a store; the server has done neither, and main, which
-    has, is never forked. A worker then starts in milliseconds instead of importing it all
-    itself (about 5 s of CPU, which competed with sample_data for the cores)."""
-
-    def run(self) -> None:
-        super().run()
-        exit_promptly(0)
-
-
-class _ForkServerContext(multiprocessing.context.ForkServerContext):
-    Process = _PromptlyExitingProcess
-
-    def __init__(self):
-        super().__init__()
-        # torch._dynamo: what the first mlflow.pytorch.log_model (pt2, torch.export) imports,
-        # 1.5 s of each training otherwise.
-        self.set_forkserver_preload([*WARM_IMPORTS, "torch._dynamo"])
-
-
 def _warm(pool: ProcessPoolExecutor, workers: int) -> None:
     try:
         for _ in range(workers):
@@ -293,10 +268,7 @@ def _start_worker(main_pid: int, main_env: dict[str, str], main_cwd: str,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _let_the_fork_server_end_with_main()
     interrupts.stop_with_parent()  # main killed outright: the running job ends KILLED
-    import importlib
-
-    for module in WARM_IMPORTS:
-        importlib.import_module(module)
+    importlib.import_module(WARM_UP)  # a no-op when forked from the server that imported it
     import mlflow
     import torch
 
@@ -605,19 +577,6 @@ def make_executor(params: dict, experiment_id: str, trainings: int | None = None
     if workers == 1:
         return LocalExecutor(threads)
     return PoolExecutor(experiment_id, workers, threads)
-
-
-def local_workers(workers: str, threads: int, trainings: int | None = None) -> int:
-    """`auto`: as many trainings as the physical cores hold at `threads` each, and no more than
-    the study has (`trainings`, when known); else the number."""
-    text = str(workers).strip()
-    if text == "auto":
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-        return max(1, min(cores // threads, trainings or cores))
-    if not text.isdigit() or int(text) < 1:
-        raise PipelineError(f"workers={workers!r}: use auto (physical cores // threads), 1 (one "
-                            f"after another in this process) or another positive number")
-    return int(text)
 
 
 def report_failures(outcomes: list[Outcome]) -> None:

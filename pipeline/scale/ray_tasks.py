@@ -51,13 +51,11 @@ def machine_numerics(device: str) -> dict:
 
 
 def warm_up() -> int:
-    """Import what a training and an evaluation import (torch, MLflow, their stages), so that
-    the worker that ran this has paid its start-up before the study's first task arrives;
-    its PID."""
-    from pipeline.stage_index import STAGES
+    """Load what a training and an evaluation wait on at first (worker_warmup: torch, MLflow,
+    their stages, the store's modules, torch.export), so that the worker that ran this has paid
+    its start-up before the study's first task arrives; its PID."""
+    import pipeline.scale.worker_warmup  # noqa: F401
 
-    for stage in ("train", "evaluate"):
-        STAGES[stage]  # noqa: B018 - looking a stage up imports its module
     return os.getpid()
 
 
