@@ -12,6 +12,7 @@ test_evaluate_a_model_without_mistakes.)
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -755,9 +756,11 @@ def test_main_evaluate_children_log_the_studys_sampling_params(study: Study):
 
 # After `import mlflow`, `python -m pipeline <args>` in the same process (what -m does).
 IMPORTS_AFTER_MLFLOW = """
-import runpy, sys
+import atexit, json, runpy, sys
 import mlflow
-print("{marker}", file=sys.stderr, flush=True)
+before = set(sys.modules)
+atexit.register(lambda: print("{marker}", json.dumps(sorted(set(sys.modules) - before)),
+                              file=sys.stderr, flush=True))
 sys.argv = ["pipeline", *sys.argv[1:]]
 runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 """
@@ -765,18 +768,17 @@ runpy.run_module("pipeline", run_name="__main__", alter_sys=True)
 
 def run_listing_imports_beyond_mlflow(args: list[str], tracking_store) -> tuple[
         subprocess.CompletedProcess, set[str]]:
-    """`python -m pipeline <args>` in a process of its own, and every module it imported that
-    `import mlflow` alone does not (-X importtime lists each module once, when first imported;
-    MLflow itself imports a little of scipy, scipy.sparse)."""
-    marker = f"mlflow imported {uuid.uuid4().hex}"
+    """`python -m pipeline <args>` in a process of its own, and every module that process
+    imported that `import mlflow` alone does not (MLflow itself imports a little of scipy,
+    scipy.sparse): its own, not those of a process it starts (the pool's fork server, which
+    a study of several trainings starts before it knows whether they are cached)."""
+    marker = f"imported beyond mlflow {uuid.uuid4().hex}"
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", "-c", IMPORTS_AFTER_MLFLOW.format(marker=marker),
-         *args], cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True,
-        text=True, timeout=300)
-    lines = result.stderr.splitlines()
-    assert marker in lines, result.stderr[-3000:]
-    return result, {line.split("|")[-1].strip() for line in lines[lines.index(marker):]
-                    if line.startswith("import time:")}
+        [sys.executable, "-c", IMPORTS_AFTER_MLFLOW.format(marker=marker), *args],
+        cwd=REPO_ROOT, env=subprocess_env(tracking_store), capture_output=True, text=True,
+        timeout=300)
+    [listed] = [line for line in result.stderr.splitlines() if line.startswith(marker)]
+    return result, set(json.loads(listed.removeprefix(marker)))
 
 
 def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
@@ -793,7 +795,6 @@ def test_main_second_invocation_reuses_every_stage_and_imports_nothing_heavy(
     heavy = {name for name in imported
              if name.split(".")[0] in ("torch", "torchvision", "matplotlib", "sklearn", "scipy")}
     assert not heavy, f"a fully cached main imported {sorted(heavy)[:5]}"
-    # main's own module is imported by importlib, which -X importtime does not list.
     assert "pipeline.scale.executors" in imported, "precondition: main's imports are listed"
     again = result.stdout.strip().splitlines()[-1].removeprefix("main finished: run ")
 
