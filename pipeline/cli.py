@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         # own imports (seconds on one core), not after them.
         from pipeline.scale.pool_processes import start_for_study
 
-        start_for_study(args)
+        start_for_study(args, experiment)
     from pipeline.runs import tracking, tracking_access
     from pipeline.stage_index import STAGES
 

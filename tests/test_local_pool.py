@@ -359,3 +359,30 @@ def test_a_pooled_main_that_ends_early_stops_its_fork_server_with_it(tmp_path):
     assert server is not None, f"main with workers=2 started no fork server:\n{output}"
     assert code == 2 and "error: " in output, output
     assert not alive, "the fork server outlived the main that started it"
+
+
+def test_a_study_that_finished_here_starts_its_fork_server_only_when_its_jobs_run(
+        monkeypatch, tmp_path, shared_tiny_mnist):
+    """The fork server starts before main can ask the store what is cached: a pooled study that
+    finished here before, unchanged, is taken to be cached and starts none then (a fully
+    cached study would pay for a server it never uses); forced, in another experiment or with
+    other parameters, it starts one."""
+    started = []
+    monkeypatch.setattr(pool_processes, "start_fork_server", lambda: started.append(1))
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", str(tmp_path / "cache"))
+    args = {"study": str(write_study(tmp_path, "early", ["mlp3", "mlp4"], [0])),
+            "data_dir": str(shared_tiny_mnist.root), "workers": "2"}
+
+    def starts(experiment: str = "early", **overrides) -> bool:
+        count = len(started)
+        pool_processes.start_for_study({**args, **overrides}, experiment)
+        return len(started) > count
+
+    assert not starts(workers="1") and not starts(executor="ray"), "no pool, no server"
+    assert starts(), "a study never finished here starts its server early"
+    pool_processes.remember_finished(stage_params("main", args))  # what main does at its end
+    assert not starts(), "the same study, finished here, starts none"
+    assert starts(force="true") and starts("another") and starts(epochs="2")
+    # main.run called without the command line (a test, a notebook) marks nothing of another.
+    pool_processes.remember_finished(stage_params("main", {**args, "epochs": "3"}))
+    assert starts(epochs="2"), "a study's end marks only its own parameters finished"

@@ -30,6 +30,7 @@ from pipeline.core.config import study_of
 from pipeline.parameters import stage_params
 from pipeline.runs import registry, tracking
 from pipeline.runs.checkpoint_store import has_checkpoint
+from pipeline.scale import pool_processes
 from pipeline.scale.executors import Job, make_executor, report_failures
 from pipeline.stage_index import STAGES
 
@@ -134,7 +135,8 @@ def run(params: dict) -> str:
         print(table.to_markdown(index=False))
         print(f"[main] done: {len(table) - len(reused)} stage(s) ran, {len(reused)} reused; "
               f"parent run {parent.info.run_id}")
-        return parent.info.run_id
+    pool_processes.remember_finished(params)
+    return parent.info.run_id
 
 
 def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFrame:
