@@ -12,7 +12,6 @@ them (machine.numerics): adding a seed, or a machine with more cores, changes no
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import os
 import signal
 import sys
@@ -34,7 +33,8 @@ from pipeline.errors import PipelineError
 from pipeline.runs import tracking
 from pipeline.runs.tracking_access import environment_set
 from pipeline.scale import ray_cluster
-from pipeline.scale.pool_processes import WARM_UP, ForkServerContext, local_workers
+from pipeline.scale.pool_processes import (WARM_UP, ForkServerContext,
+                                           let_the_fork_server_end_with_main, local_workers)
 from pipeline.stage_index import STAGES
 
 EXECUTORS = ("local", "ray")
@@ -266,7 +266,7 @@ def _start_worker(main_pid: int, main_env: dict[str, str], main_cwd: str,
     # Ctrl-C reaches every process of the terminal's group: an idle worker leaves it to main,
     # a busy one ends its run KILLED (nested_stage.run_nested installs the handler).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _let_the_fork_server_end_with_main()
+    let_the_fork_server_end_with_main()
     interrupts.stop_with_parent()  # main killed outright: the running job ends KILLED
     importlib.import_module(WARM_UP)  # a no-op when forked from the server that imported it
     import mlflow
@@ -274,20 +274,6 @@ def _start_worker(main_pid: int, main_env: dict[str, str], main_cwd: str,
 
     torch.set_num_threads(int(env[THREADS_ENV]))
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-
-
-def _let_the_fork_server_end_with_main() -> None:
-    """Drop this worker's copy of the fork server's "alive" pipe. The server ends once every
-    holder has closed it; main is then the last, so main killed outright ends the server,
-    and the server's end ends this worker (stop_with_parent: the server is its parent)."""
-    from multiprocessing import forkserver
-
-    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)  # private, 3.8+
-    if alive is not None:
-        try:
-            os.close(alive)
-        except OSError:
-            pass  # not inherited: nothing holds the server up
 
 
 def _run_job(stage: str, params: dict, label: str, parent_run_id: str, job_id: str) -> dict:

@@ -135,6 +135,18 @@ def start_fork_server() -> None:
     forkserver.ensure_running()
 
 
+def let_the_fork_server_end_with_main() -> None:
+    """Drop this worker's copy of the fork server's "alive" pipe. The server ends once every
+    holder has closed it; main is then the last, so main killed outright ends the server,
+    and the server's end ends this worker (stop_with_parent: the server is its parent)."""
+    alive = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)  # private, 3.8+
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass  # not inherited: nothing holds the server up
+
+
 def _stop_fork_server() -> None:
     """At exit: the server would otherwise finish loading before it sees main gone (seconds
     in which it holds main's output open, and a pipe reading it, such as `| tee`, waits)."""
