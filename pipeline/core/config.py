@@ -118,13 +118,6 @@ def _auto_seeds(content: dict, path: Path, overrides: dict) -> AutoSeeds:
     return auto
 
 
-def study_of(params: dict) -> Study:
-    """The study `main`'s parameters name, with their overrides."""
-    return load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
-                      params["registered_model_name"], params["half_width_pp"],
-                      params["max_seeds"], params["equivalence_margin_pp"])
-
-
 def load_study(name_or_path: str, epochs: str = "", seeds: str = "", configs: str = "",
                registered_model_name: str = "", half_width_pp: str = "", max_seeds: str = "",
                equivalence_margin_pp: str = "") -> Study:

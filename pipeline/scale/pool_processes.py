@@ -26,7 +26,7 @@ import psutil
 
 from pipeline.cache.code_digest import code_version
 from pipeline.cache.file_digests import cache_root
-from pipeline.core.config import study_of
+from pipeline.core.config import load_study
 from pipeline.errors import PipelineError
 from pipeline.parameters import stage_params
 from pipeline.process_exit import exit_promptly
@@ -86,7 +86,11 @@ def start_for_study(args: dict, experiment: str | None) -> None:
         params = stage_params("main", args)
         if params["executor"] != "local" or int(params["threads"]) < 1:
             return
-        study = study_of(params)
+        # As main reads it (a module of its own would change no training's code version;
+        # pipeline.core.config, which train imports, would).
+        study = load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
+                           params["registered_model_name"], params["half_width_pp"],
+                           params["max_seeds"], params["equivalence_margin_pp"])
         if local_workers(params["workers"], int(params["threads"]),
                          len(study.configs) * len(study.seeds)) <= 1:
             return

@@ -1,10 +1,10 @@
 """Importing this module loads what a worker's first job would otherwise wait on, so that its
 run, first epoch and first logged model start at once: the local pool's fork server imports it
-once and forks every worker from it (executors._ForkServerContext); a Ray worker imports it
-while the driver draws the sample (ray_tasks.warm_up).
+once and forks every worker from it (pool_processes.ForkServerContext); a Ray worker imports
+it while the driver draws the sample (ray_tasks.warm_up).
 
-Nothing here starts a thread, opens a store or runs a torch op: the fork server must stay safe
-to fork.
+Nothing here opens a store or runs a torch op (which would start torch's thread pool): the
+fork server must stay safe to fork.
 """
 
 import mlflow  # noqa: F401

@@ -26,7 +26,7 @@ import pandas as pd
 from mlflow.entities import Run
 
 from pipeline.cache import compare_keys, evaluate_keys, sample_keys, train_keys
-from pipeline.core.config import study_of
+from pipeline.core.config import load_study
 from pipeline.parameters import stage_params
 from pipeline.runs import registry, tracking
 from pipeline.runs.checkpoint_store import has_checkpoint
@@ -114,7 +114,9 @@ class Ledger:
 
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "main", params) as parent:
-        study = study_of(params)
+        study = load_study(params["study"], params["epochs"], params["seeds"], params["configs"],
+                           params["registered_model_name"], params["half_width_pp"],
+                           params["max_seeds"], params["equivalence_margin_pp"])
         executor = make_executor(params, parent.info.experiment_id,
                                  trainings=len(study.configs) * len(study.seeds))
         mlflow.set_tag("mlflow.runName", f"main-{study.name}")
