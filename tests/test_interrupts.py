@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO_ROOT, create_experiment, runs_in, subprocess_env
 
 from pipeline import interrupts
+from pipeline.errors import PipelineError
 
 MLFLOW = Path(sys.executable).parent / "mlflow"
 LONG = "1000"  # epochs: far more than a test waits for; the signal comes first
@@ -155,6 +156,22 @@ def test_a_ray_head_is_lost_only_after_its_gcs_stayed_silent_for_head_lost_after
     assert info.value.exit_code == ray_cluster.HEAD_LOST_EXIT_CODE
     assert str(info.value) == (f"the loss of the Ray head node {'f' * 12} (its GCS at {silent} "
                                f"has not answered for {ray_cluster.HEAD_LOST_AFTER_S:g} s)")
+
+
+def test_how_long_a_silent_head_is_waited_for_is_a_setting_and_a_bad_one_is_refused(
+        monkeypatch):
+    """PIPELINE_RAY_HEAD_LOST_AFTER_S: longer for a head that restarts (GCS fault tolerance);
+    a value that is not a positive number of seconds is refused before Ray is joined."""
+    from pipeline.scale import executors, ray_cluster
+
+    monkeypatch.setenv(ray_cluster.HEAD_LOST_ENV, "45")
+    assert ray_cluster.HeadWatch("f" * 56, "127.0.0.1:1").lost_after_s == 45.0
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv(ray_cluster.HEAD_LOST_ENV, bad)
+        with pytest.raises(PipelineError, match=f"PIPELINE_RAY_HEAD_LOST_AFTER_S='{bad}': give"):
+            executors.RayExecutor("0")
+    monkeypatch.delenv(ray_cluster.HEAD_LOST_ENV)
+    assert ray_cluster.HeadWatch("f" * 56, "127.0.0.1:1").lost_after_s == 10.0
 
 
 def test_the_message_of_a_lost_head_names_each_trainings_fate_and_what_to_do():

@@ -368,6 +368,7 @@ class RayExecutor:
 
     def __post_init__(self):
         ray_cluster.check_resources(self.cpus, self.gpus)
+        ray_cluster.head_lost_after_s()  # a bad setting is refused before Ray is joined
 
     def start(self, jobs: int | None = None) -> None:
         pass  # Ray is joined by `session`, before any stage runs
@@ -481,8 +482,8 @@ def _one_line(error: BaseException) -> str:
 
 def _wait_all(refs: list, head: ray_cluster.HeadWatch | None = None) -> list:
     """Every task's result, or the Ray error that ended it; waiting in short steps so a stop
-    signal is seen within a second, and a lost `head` (HeadLost) within seconds of
-    ray_cluster.HEAD_LOST_AFTER_S."""
+    signal is seen within a second, and a lost `head` (HeadLost) within seconds of its
+    `lost_after_s`."""
     import ray
 
     pending = list(refs)

@@ -8,13 +8,14 @@ task is sent.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
@@ -49,8 +50,10 @@ CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
 # A head whose GCS has not answered for this long is taken for lost. Ray's own driver waits
 # gcs_rpc_server_reconnect_timeout_s (60 s by default) and then ends the process outright
 # (exit code 1, no cleanup), which would leave every run RUNNING: the study must end its runs
-# well before that.
+# well before that. A cluster whose GCS restarts (Ray's GCS fault tolerance) needs longer, up
+# to that timeout (raise Ray's too); HEAD_LOST_ENV sets it.
 HEAD_LOST_AFTER_S = 10.0
+HEAD_LOST_ENV = "PIPELINE_RAY_HEAD_LOST_AFTER_S"
 # EX_TEMPFAIL (sysexits.h): nothing the user did wrong; the same command again picks it up.
 HEAD_LOST_EXIT_CODE = 75
 HEAD_RESOURCE = "node:__internal_head__"
@@ -74,6 +77,22 @@ class HeadLost(interrupts.Interrupted):
         return f"{lost} [{'; '.join(self.endings)}]" if self.endings else lost
 
 
+def head_lost_after_s() -> float:
+    """How long the head's GCS may stay silent before the head is taken for lost."""
+    text = os.environ.get(HEAD_LOST_ENV, "").strip()
+    if not text:
+        return HEAD_LOST_AFTER_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise PipelineError(f"{HEAD_LOST_ENV}={text!r}: give the seconds the Ray head's GCS may "
+                            f"stay silent before the study ends its runs (default "
+                            f"{HEAD_LOST_AFTER_S:g})")
+    return seconds
+
+
 @dataclass
 class HeadWatch:
     """Whether the head of the cluster this driver joined still answers: a TCP connection to
@@ -81,6 +100,7 @@ class HeadWatch:
 
     node_id: str
     gcs_address: str  # host:port
+    lost_after_s: float = field(default_factory=head_lost_after_s)
     _silent_since: float | None = None
 
     @classmethod
@@ -96,17 +116,17 @@ class HeadWatch:
         return cls(heads[0] if heads else "", ray.get_runtime_context().gcs_address)
 
     def check(self) -> None:
-        """HeadLost once the GCS has refused or ignored every connection for
-        HEAD_LOST_AFTER_S; a head that answers again meanwhile was only slow."""
+        """HeadLost once the GCS has refused or ignored every connection for `lost_after_s`;
+        a head that answers again meanwhile was only slow."""
         host, port = self.gcs_address.rsplit(":", 1)
         try:
             socket.create_connection((host, int(port)), timeout=1.0).close()
         except OSError:
             now = time.monotonic()
             self._silent_since = self._silent_since or now
-            if now - self._silent_since >= HEAD_LOST_AFTER_S:
+            if now - self._silent_since >= self.lost_after_s:
                 silent = (f"(its GCS at {self.gcs_address} has not answered for "
-                          f"{HEAD_LOST_AFTER_S:g} s)")
+                          f"{self.lost_after_s:g} s)")
                 raise HeadLost(f"{self.node_id[:12]} {silent}".lstrip()) from None
         else:
             self._silent_since = None
