@@ -54,6 +54,8 @@ class GrownStudy:
     standalone: str  # a train run
     pooled: str
     twin: str
+    # The stages each main loaded ahead while its trainings ran, by main run.
+    loaded_ahead: dict[str, list[str]]
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +63,29 @@ def grown_study(tracking_store, shared_tiny_mnist, tmp_path_factory) -> GrownStu
     folder = tmp_path_factory.mktemp("grown")
     data = shared_tiny_mnist.root
     experiment = use_new_experiment(tracking_store, "pool-grown")
-    first = main.run(study_params(write_study(folder, "one", ["mlp3"], [0]), data, workers="1"))
-    standalone = train.run(stage_params("train", {
-        "config": "mlp4", "seed": 0, "data_dir": str(data), "samples_per_class": 12,
-        "epochs": 3, "batch_size": 16, "device": "cpu"}))
-    study = write_study(folder, "two", ["mlp3", "mlp4"], [0, 1])
-    pooled = main.run(study_params(study, data, workers="2"))
-    twin_experiment = use_new_experiment(tracking_store, "pool-twin")
-    twin = main.run(study_params(write_study(folder, "seed1", ["mlp3", "mlp4"], [1]), data,
-                                 workers="1"))
-    return GrownStudy(experiment, twin_experiment, study, first, standalone, pooled, twin)
+    ahead: list[str] = []
+    load_ahead = main._import_in_idle_time
+
+    def studied(study: str, **overrides) -> str:
+        ahead.clear()
+        return main.run(study_params(study, data, **overrides))
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(main, "_import_in_idle_time",
+                      lambda stage: (ahead.append(stage), load_ahead(stage)))
+        first = studied(write_study(folder, "one", ["mlp3"], [0]), workers="1")
+        loaded_ahead = {first: list(ahead)}
+        standalone = train.run(stage_params("train", {
+            "config": "mlp4", "seed": 0, "data_dir": str(data), "samples_per_class": 12,
+            "epochs": 3, "batch_size": 16, "device": "cpu"}))
+        study = write_study(folder, "two", ["mlp3", "mlp4"], [0, 1])
+        pooled = studied(study, workers="2")
+        loaded_ahead[pooled] = list(ahead)
+        twin_experiment = use_new_experiment(tracking_store, "pool-twin")
+        twin = studied(write_study(folder, "seed1", ["mlp3", "mlp4"], [1]), workers="1")
+        loaded_ahead[twin] = list(ahead)
+    return GrownStudy(experiment, twin_experiment, study, first, standalone, pooled, twin,
+                      loaded_ahead)
 
 
 @pytest.fixture
@@ -119,6 +134,14 @@ def children_names(experiment, parent_id: str) -> list[str]:
     return [r.info.run_name.split("-")[0] if r.info.run_name.startswith("compare")
             else r.info.run_name for r in runs_in(experiment)
             if r.data.tags.get("mlflow.parentRunId") == parent_id]
+
+
+def test_compare_loads_ahead_only_while_the_trainings_run_elsewhere(grown):
+    """With a pool, main's own thread only waits while the trainings run, so compare's module
+    loads meanwhile at the lowest priority; trainings in main's own process (workers=1) are
+    not shared with such a thread (waiting for a core while holding the interpreter's lock,
+    it would hold up the training's Python)."""
+    assert grown.loaded_ahead == {grown.first: [], grown.pooled: ["compare"], grown.twin: []}
 
 
 def test_workers_auto_starts_no_more_workers_than_the_study_has_trainings(experiment,

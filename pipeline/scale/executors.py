@@ -74,6 +74,7 @@ class LocalExecutor:
 
     threads: int = 1
     name: str = "local"
+    runs_jobs_here = True
 
     def machine(self, device: str) -> dict:
         return local_machine(device, self.threads)
@@ -116,6 +117,7 @@ class PoolExecutor:
     workers: int
     threads: int = 1
     name: str = "local"
+    runs_jobs_here = False
     _pool: ProcessPoolExecutor | None = None
 
     def machine(self, device: str) -> dict:
@@ -363,6 +365,7 @@ class RayExecutor:
     gpus: float = 0.0
     address: str = ray_cluster.LOCAL
     name: str = "ray"
+    runs_jobs_here = False
     _numerics: dict = field(default_factory=dict)
     _head: ray_cluster.HeadWatch | None = None
 

@@ -165,7 +165,10 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
             (train_keys.train_run_name(fit),
              train_keys.train_key(fit, data_run, executor.machine(fit["device"])), fit)
             for fit in fits], executor, parent_run_id,
-            meanwhile=lambda: _import_in_idle_time("compare"))
+            # Not beside trainings in this process: a thread that waits for a core while it
+            # holds the interpreter's lock would hold up the training's Python between ops.
+            meanwhile=(lambda: None) if executor.runs_jobs_here
+            else lambda: _import_in_idle_time("compare"))
 
     fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
     analysis = {"equivalence_margin_pp": study.equivalence_margin_pp}
@@ -203,7 +206,9 @@ def _import_in_idle_time(stage: str) -> None:
     nothing imports nothing."""
 
     def load() -> None:
-        if sys.platform == "linux":  # there, a thread's own priority; elsewhere the process's
+        # Linux takes a thread id here and sets that thread's priority; elsewhere it would set
+        # the whole process's, so there the thread runs at the usual priority.
+        if sys.platform == "linux":
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         try:
             STAGES[stage]  # noqa: B018 - looking a stage up imports its module
