@@ -78,7 +78,7 @@ class Ledger:
         return run_id
 
     def steps(self, stage: str, planned: list[tuple[str, str, dict]], executor,
-              parent_run_id: str, meanwhile: Callable[[], None] = lambda: None) -> list[str]:
+              parent_run_id: str, meanwhile: Callable[[], None] | None = None) -> list[str]:
         """Many runs of one stage, (label, key, params) each, on `executor`: cached ones reused
         here (never sent to Ray), interrupted trainings resumed, the rest run, `meanwhile`
         called as they are sent. Every job ends before a failure is reported, naming each
@@ -97,7 +97,7 @@ class Ledger:
                 params = {**params, "resume_run_id": interrupted.info.run_id}
             jobs.append(Job(stage, label, params))
             positions.append(position)
-        if jobs:
+        if jobs and meanwhile:
             meanwhile()
         outcomes = executor.run(jobs, parent_run_id)
         for position, outcome in zip(positions, outcomes):
@@ -167,8 +167,7 @@ def _run_study(study, params: dict, executor, parent_run_id: str) -> pd.DataFram
             for fit in fits], executor, parent_run_id,
             # Not beside trainings in this process: a thread that waits for a core while it
             # holds the interpreter's lock would hold up the training's Python between ops.
-            meanwhile=(lambda: None) if executor.runs_jobs_here
-            else lambda: _import_in_idle_time("compare"))
+            meanwhile=None if executor.runs_jobs_here else lambda: _import_in_idle_time("compare"))
 
     fits, train_runs = train([(config, seed) for config in study.configs for seed in study.seeds])
     analysis = {"equivalence_margin_pp": study.equivalence_margin_pp}
