@@ -21,6 +21,7 @@ import re  # noqa: E402
 import sqlite3  # noqa: E402
 import struct  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import uuid  # noqa: E402
 from contextlib import closing  # noqa: E402
 from unittest import mock  # noqa: E402
@@ -166,6 +167,11 @@ def tracking_store(tmp_path_factory) -> TrackingStore:
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         # The raw-file digest memo, kept out of the user's ~/.cache.
         mp.setenv("PIPELINE_CACHE_DIR", str(root / "cache"))
+        # This process's temporary files (the tests' own downloads of artifacts and models,
+        # which MLflow never removes) go to the session's folder, which pytest removes with its
+        # old ones: left in /tmp they came to gigabytes over a day of runs. The pipeline's own
+        # downloads are checked not to be left anywhere (test_workflow, test_resume).
+        mp.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))
         mlflow.set_tracking_uri(store.uri)
         yield store
         _end_active_runs()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 
 import mlflow
 import pandas as pd
@@ -98,7 +99,7 @@ def resume(run_id: str, sample: SampleRun, **overrides) -> str:
 
 @pytest.mark.integration
 def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
-    killed, sample_run, reference, capsys
+    killed, sample_run, reference, capsys, tmp_path, monkeypatch
 ):
     run_id, stage, code = killed(signal.SIGTERM)
     assert code == 143
@@ -120,8 +121,14 @@ def test_a_run_killed_with_sigterm_resumes_to_the_uninterrupted_result(
     # is in the same position as one that never ran the training.
     assert not checkpoint_store.local_dir(run_id).exists()
 
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert resume(run_id, sample_run) == run_id
+    monkeypatch.undo()
     assert f"(checkpoints/checkpoint.pt of run {run_id})" in capsys.readouterr().out
+    # The downloaded checkpoint and sample went with the resume: nothing piles up in /tmp.
+    assert list(scratch.iterdir()) == []
     after = mlflow.get_run(run_id)
     assert after.info.status == "FINISHED"
     assert "pipeline.interrupted" not in after.data.tags
@@ -313,6 +320,31 @@ def test_resuming_from_a_corrupt_checkpoint(capsys, experiment, sample_run, inte
         assert snapshot(interrupted_run) == before
     finally:
         checkpoint_store.shutil.rmtree(local.parent)
+
+
+def test_resuming_from_a_corrupt_uploaded_checkpoint_names_the_artifact_and_leaves_no_copy(
+    capsys, experiment, sample_run, tmp_path, monkeypatch
+):
+    run_id = train.run(stage_params("train", {**SETTINGS, "epochs": 1, "batch_size": 16,
+                                              "data_run_id": sample_run.run_id}))
+    MlflowClient().set_terminated(run_id, "KILLED")
+    garbage = tmp_path / "upload" / checkpoint_store.FILE_NAME
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"half an upload")
+    MlflowClient().log_artifact(run_id, str(garbage), checkpoint_store.ARTIFACT_DIR)
+    assert not checkpoint_store.local_dir(run_id).exists()
+    before = snapshot(run_id)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    error = cli_resume(capsys, run_id, sample_run, experiment, epochs=1, batch_size=16)
+    # The downloaded copy is gone, so the message names what the user can find: the artifact.
+    assert (f"run {run_id}'s uploaded checkpoint (checkpoints/checkpoint.pt) is corrupt or not "
+            f"a training checkpoint") in error
+    assert "leave resume_run_id empty" in error
+    assert str(scratch) not in error
+    assert list(scratch.iterdir()) == []
+    assert snapshot(run_id) == before
 
 
 def test_resuming_a_run_that_does_not_exist(capsys, experiment, sample_run):

@@ -16,6 +16,7 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -225,14 +226,27 @@ class Evaluated:
     run_id: str
     source_id: str
     shared: Shared
+    left_in_temp: list[str]
 
 
 @pytest.fixture(scope="module")
-def evaluated(tracking_store, shared) -> Evaluated:
+def evaluated(tracking_store, shared, tmp_path_factory) -> Evaluated:
     use_new_experiment(tracking_store, "workflow-evaluate")
     source = shared.runs["mlp4-seed0"]
-    run_id = evaluate.run(stage_params("evaluate", {"model_uri": f"runs:/{source}/model"}))
-    return Evaluated(run_id=run_id, source_id=source, shared=shared)
+    scratch = tmp_path_factory.mktemp("evaluate-temp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        run_id = evaluate.run(stage_params("evaluate", {"model_uri": f"runs:/{source}/model"}))
+    return Evaluated(run_id=run_id, source_id=source, shared=shared,
+                     left_in_temp=sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")))
+
+
+def test_evaluate_leaves_no_copy_of_the_model_or_sample_in_the_temporary_folder(
+    evaluated: Evaluated,
+):
+    # MLflow downloads into a new temporary folder that it never removes: a model and a sample
+    # per evaluation piled up in /tmp.
+    assert evaluated.left_in_temp == []
 
 
 def test_evaluate_scores_the_model_exactly_as_its_train_run_did(evaluated: Evaluated):

@@ -113,16 +113,20 @@ def load_checkpoint(path: str | Path) -> dict:
         # weights_only: a checkpoint is data, and loading one must not run pickled code.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, random bytes, unsafe pickle: all mean unusable
-        raise PipelineError(_unusable(path, _first_line(err))) from err
+        raise UnusableCheckpoint(path, _first_line(err)) from err
     problem = _layout_problem(checkpoint)
     if problem:
-        raise PipelineError(_unusable(path, problem))
+        raise UnusableCheckpoint(path, problem)
     return checkpoint
 
 
-def _unusable(path: Path, reason: str) -> str:
-    return (f"{path} is corrupt or not a training checkpoint ({reason}); delete it to train "
-            f"from the first epoch")
+class UnusableCheckpoint(PipelineError):
+    """A checkpoint file that is there but cannot be resumed from; `reason` says why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} is corrupt or not a training checkpoint ({reason}); delete it "
+                         f"to train from the first epoch")
+        self.reason = reason
 
 
 def _first_line(err: Exception) -> str:

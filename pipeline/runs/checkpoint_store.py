@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -200,20 +201,31 @@ def _first_line(err: Exception) -> str:
 def fetch_checkpoint(run_id: str) -> tuple[dict, str]:
     """The newest checkpoint of a run and where it came from: the local copy (at least as new
     as the uploaded one) when this machine has it, else the run's artifact."""
-    from pipeline.core.checkpoint import load_checkpoint
+    from pipeline.core.checkpoint import UnusableCheckpoint, load_checkpoint
 
     local = local_dir(run_id) / FILE_NAME
     if local.is_file():
         return load_checkpoint(local), str(local)
-    try:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH)
-    except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
-        raise PipelineError(
-            f"run {run_id} has no checkpoint (no {ARTIFACT_PATH} artifact, no local copy at "
-            f"{local}); it was trained with checkpoint_every=0 or stopped before its first "
-            f"epoch ended: start a new run instead"
-        ) from err
-    return load_checkpoint(path), f"{ARTIFACT_PATH} of run {run_id}"
+    # Into a folder of our own: MLflow's default one is never removed, a copy per resume.
+    with tempfile.TemporaryDirectory(prefix="mnist-checkpoint-") as scratch:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=ARTIFACT_PATH,
+                                                       dst_path=scratch)
+        except Exception as err:  # noqa: BLE001 - MLflow raises several types for "not there"
+            raise PipelineError(
+                f"run {run_id} has no checkpoint (no {ARTIFACT_PATH} artifact, no local copy at "
+                f"{local}); it was trained with checkpoint_every=0 or stopped before its first "
+                f"epoch ended: start a new run instead"
+            ) from err
+        try:
+            return load_checkpoint(path), f"{ARTIFACT_PATH} of run {run_id}"
+        except UnusableCheckpoint as err:
+            # The file named in err is a copy that is gone when this returns: name the artifact.
+            raise PipelineError(
+                f"run {run_id}'s uploaded checkpoint ({ARTIFACT_PATH}) is corrupt or not a "
+                f"training checkpoint ({err.reason}); it cannot be resumed: leave resume_run_id "
+                f"empty (main: force=true) to start a new run"
+            ) from err
 
 
 def has_checkpoint(run_id: str) -> bool:

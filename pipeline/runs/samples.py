@@ -4,6 +4,7 @@ MLflow dataset inputs of the run that consumes it, or the run found for a consum
 from __future__ import annotations
 
 import hashlib
+import tempfile
 import warnings
 from typing import Callable
 
@@ -77,8 +78,18 @@ def fetch_sample(run_id: str, data_dir: str = "") -> Sample:
     shows they are the same files."""
     run = tracking.get_stage_run(run_id, STAGE, "data_run_id")
     if not _is_whole(run):
-        return load_sample(mlflow.artifacts.download_artifacts(run_id=run_id,
-                                                               artifact_path=SAMPLE_ARTIFACT))
+        # Into a folder of our own: MLflow's default one is never removed, a copy per stage run.
+        with tempfile.TemporaryDirectory(prefix="mnist-sample-") as scratch:
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=SAMPLE_ARTIFACT, dst_path=scratch)
+            try:
+                return load_sample(path)
+            except PipelineError as err:
+                # err names a copy that is gone when this returns: name the artifact instead.
+                raise PipelineError(
+                    f"{SAMPLE_ARTIFACT} of sample_data run {run_id} is not a sample written by "
+                    f"sample_data ({err.__cause__}); draw a new one (main: force=true)"
+                ) from err
     recorded = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{RAW_DIGESTS_ARTIFACT}")
     candidates = dict.fromkeys(d for d in (data_dir, run.data.tags.get(DATA_ROOT_TAG)) if d)
     for root in candidates:

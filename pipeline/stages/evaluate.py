@@ -5,11 +5,14 @@ predicted digit, which the served model must answer too."""
 
 from __future__ import annotations
 
+import tempfile
+
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.models import Model
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from pipeline.cache import evaluate_keys
@@ -24,19 +27,27 @@ SOURCE_RUN_TAG = "pipeline.source_run_id"
 MISCLASSIFIED_SHOWN = 40
 
 
-def source_run_id(model_uri: str) -> str | None:
-    """The run that logged the model behind `model_uri` (runs:/, models:/name@alias, ...)."""
+def load_network(model_uri: str) -> tuple[torch.nn.Module, str | None]:
+    """The network logged at `model_uri` (runs:/, models:/name@alias, ...) and the run that
+    logged it.
+
+    Downloaded once, into a folder removed afterwards: MLflow's own download folder is never
+    removed, which left a copy of the model in /tmp per evaluation.
+    """
     if not model_uri:
         raise PipelineError("model_uri is required, e.g. runs:/<train run id>/model or "
                             "models:/mnist-mlp@champion")
-    try:
-        return mlflow.models.get_model_info(model_uri).run_id
-    except (MlflowException, OSError) as err:
-        raise PipelineError(
-            f"cannot find a model at {model_uri!r} in {mlflow.get_tracking_uri()}: "
-            f"{str(err).splitlines()[0]}. Use runs:/<train run id>/model, "
-            f"models:/<name>/<version> or models:/<name>@champion"
-        ) from err
+    with tempfile.TemporaryDirectory(prefix="mnist-model-") as scratch:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch)
+            source = Model.load(local).run_id
+        except (MlflowException, OSError) as err:
+            raise PipelineError(
+                f"cannot find a model at {model_uri!r} in {mlflow.get_tracking_uri()}: "
+                f"{str(err).splitlines()[0]}. Use runs:/<train run id>/model, "
+                f"models:/<name>/<version> or models:/<name>@champion"
+            ) from err
+        return mlflow.pytorch.load_model(local), source
 
 
 def data_run_for(params: dict, source_run: str | None) -> str:
@@ -48,17 +59,16 @@ def data_run_for(params: dict, source_run: str | None) -> str:
     return samples.resolve_data_run(params, draw=STAGES["sample_data"])
 
 
-def network_logits(model_uri: str, features: np.ndarray) -> np.ndarray:
-    """The logged network's logits (the loss needs them; the served pyfunc answers digits and
+def network_logits(network: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    """The network's logits (the loss needs them; the served pyfunc answers digits and
     probabilities), computed as MLflow's PyTorch pyfunc does: float32 input, no autograd."""
-    network = mlflow.pytorch.load_model(model_uri)
     with torch.no_grad():
         return network(torch.from_numpy(features)).numpy()
 
 
 def run(params: dict) -> str:
     with tracking.stage_run(STAGE, "evaluate", params) as run:
-        source = source_run_id(params["model_uri"])
+        network, source = load_network(params["model_uri"])
         mlflow.set_tags({"mlflow.runName": evaluate_keys.evaluate_run_name(source),
                          SOURCE_RUN_TAG: source or ""})
         if source:
@@ -69,7 +79,7 @@ def run(params: dict) -> str:
         sample = samples.fetch_sample(data_run_id, params["data_dir"])
         samples.log_sample_inputs(sample, data_run_id)
 
-        logits = network_logits(params["model_uri"], sample.test.features().numpy())
+        logits = network_logits(network, sample.test.features().numpy())
         labels = sample.test.labels.numpy()
         result = evaluate_logits(logits, labels)
 
