@@ -149,6 +149,19 @@ class Experiment:
     name: str
 
 
+# Taken before the session moves this process's temporary files into pytest's folder, whose
+# folders only root can open.
+SYSTEM_TEMP = tempfile.gettempdir()
+
+
+def reachable_folder(prefix: str) -> Path:
+    """A new folder, outside pytest's private ones, that the `postgres` user running a test's
+    cluster can reach; the test removes it."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir=SYSTEM_TEMP))
+    root.chmod(0o711)
+    return root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tracking_store(tmp_path_factory) -> TrackingStore:
     """One temporary SQLite store for the whole session (creating one costs ~1.5 s).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REPO_ROOT, requires_postgres
+from conftest import REPO_ROOT, reachable_folder, requires_postgres
 
 from pipeline.server import tracking_server
 from pipeline.server.__main__ import main as server_main
@@ -161,13 +161,6 @@ def test_the_servers_secrets_are_created_private(tmp_path):
     assert mode(folder / "flask_secret_key") == 0o600
     assert mode(folder / tracking_server.AUTH_CONFIG) == 0o600
     assert secret_key(folder) == (folder / "flask_secret_key").read_text().strip()
-
-
-def reachable_folder(prefix: str) -> Path:
-    """Not pytest's tmp_path: the `postgres` user that runs the cluster must reach it."""
-    root = Path(tempfile.mkdtemp(prefix=prefix))
-    root.chmod(0o711)
-    return root
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,8 +25,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import (REAL_DATA_ROOT, REPO_ROOT, requires_postgres, requires_real_mnist,
-                      subprocess_env)
+from conftest import (REAL_DATA_ROOT, REPO_ROOT, reachable_folder, requires_postgres,
+                      requires_real_mnist, subprocess_env)
 from mlflow import MlflowClient
 
 from pipeline import cli
@@ -55,9 +54,7 @@ class TeamServer:
 
 @pytest.fixture(scope="module")
 def team_server():
-    # Not pytest's tmp_path: the `postgres` user that runs the cluster must reach the folder.
-    root = Path(tempfile.mkdtemp(prefix="mnist-team-server-"))
-    root.chmod(0o711)
+    root = reachable_folder("mnist-team-server-")
     cluster = LocalPostgres(root / "postgres", free_port(), durable=False)
     server = TrackingServer(root / "server", cluster.uri(), auth=True,
                             env={**cluster.env(), "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1]})
