@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import platform
+import tempfile
 from dataclasses import dataclass
 
 import mlflow
@@ -116,6 +117,31 @@ def test_sample_data_logs_the_sample_as_compact_uint8_that_roundtrips(sample_run
             [np.flatnonzero(labels == c)[:SHARED_SAMPLES_PER_CLASS] for c in range(10)]
         )
         assert logged.split(split).indices.tolist() == first.tolist()
+
+
+def test_a_corrupt_sample_artifact_is_named_and_leaves_no_copy(experiment, sample_run,
+                                                               tmp_path, monkeypatch):
+    client = MlflowClient()
+    source = mlflow.get_run(sample_run.run_id)
+    run = client.create_run(experiment.id, tags={STAGE_TAG: "sample_data"})
+    for key, value in source.data.params.items():
+        client.log_param(run.info.run_id, key, value)
+    garbage = tmp_path / "upload" / "sample.npz"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"not an npz archive")
+    client.log_artifact(run.info.run_id, str(garbage), "sample")
+    client.set_terminated(run.info.run_id)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(PipelineError) as raised:
+        samples.fetch_sample(run.info.run_id)
+    message = str(raised.value)
+    # The downloaded copy is gone, so the message names what the user can find: the artifact.
+    assert message == (f"sample/sample.npz of sample_data run {run.info.run_id} is corrupt: it is "
+                       f"not a sample written by sample_data; draw a new one (main: force=true)")
+    assert str(scratch) not in message
+    assert list(scratch.iterdir()) == []
 
 
 def test_sample_data_logs_both_splits_as_dataset_inputs(sample_run: SampleRun):

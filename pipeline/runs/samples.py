@@ -85,10 +85,11 @@ def fetch_sample(run_id: str, data_dir: str = "") -> Sample:
             try:
                 return load_sample(path)
             except PipelineError as err:
-                # err names a copy that is gone when this returns: name the artifact instead.
+                # err names a copy that is gone when this returns, and numpy's reason for
+                # random bytes suggests unpickling them: name the artifact only.
                 raise PipelineError(
-                    f"{SAMPLE_ARTIFACT} of sample_data run {run_id} is not a sample written by "
-                    f"sample_data ({err.__cause__}); draw a new one (main: force=true)"
+                    f"{SAMPLE_ARTIFACT} of sample_data run {run_id} is corrupt: it is not a "
+                    f"sample written by sample_data; draw a new one (main: force=true)"
                 ) from err
     recorded = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{RAW_DIGESTS_ARTIFACT}")
     candidates = dict.fromkeys(d for d in (data_dir, run.data.tags.get(DATA_ROOT_TAG)) if d)
