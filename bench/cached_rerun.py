@@ -23,10 +23,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from pipeline_vs_seed import ROOT, timed
+from scratch import scratch_folder
 
 BIN = Path(sys.executable).parent
 HEAVY = ("torch", "torchvision", "matplotlib", "sklearn", "scipy")
@@ -42,7 +42,7 @@ def main():
     args = parser.parse_args()
 
     load_at_start = load()
-    store = tempfile.mkdtemp()
+    store = scratch_folder("bench-cached-rerun-")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
            "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}

@@ -12,7 +12,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,10 +28,11 @@ from pipeline.core.data import draw_sample  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
 from pipeline.core.training import TrainSettings, train  # noqa: E402
 from pipeline.runs.checkpoint_store import UPLOAD_INTERVAL_ENV, CheckpointStore  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 
 META = {"config_digest": "bench", "lr": 0.01, "sample_run_id": "bench"}
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+mlflow.set_tracking_uri(f"sqlite:///{scratch_folder('bench-checkpoint-store-')}/mlflow.db")
 EXPERIMENT_ID = mlflow.create_experiment("bench-checkpoints")
 
 
@@ -101,11 +101,11 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run")
     parser.add_argument("--checkpoint_dir", default=None,
-                        help="where checkpoints are written (default: a new temporary folder)")
+                        help="where checkpoints are written, kept (default: a temporary folder, removed at exit)")
     args = parser.parse_args()
 
     sample = draw_sample(args.data_dir, 600)
-    folder = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="checkpoint-bench-"))
+    folder = Path(args.checkpoint_dir or scratch_folder("checkpoint-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "checkpoint.pt"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.config}, "

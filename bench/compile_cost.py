@@ -14,9 +14,10 @@ epochs, each training in its own process. Not a test: it prints.
 import argparse
 import os
 import statistics
-import tempfile
 
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cache-")
+from scratch import scratch_folder
+
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = scratch_folder("inductor-cache-")
 
 import torch  # noqa: E402
 

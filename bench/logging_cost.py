@@ -7,7 +7,6 @@ and one mlflow.pytorch.log_model of each MLP. Not a test: it prints.
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -19,6 +18,7 @@ from pipeline.core.config import load_model_config  # noqa: E402
 from pipeline.core.data import draw_sample  # noqa: E402
 from pipeline.core.models import build_model  # noqa: E402
 from pipeline.stages.train import log_model  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 
 METRICS = {"train_loss": 0.1, "train_accuracy": 0.9, "test_loss": 0.2, "test_accuracy": 0.8,
            "epoch_time_s": 0.4}
@@ -35,7 +35,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data_dir", default="../shared/datasets")
     args = parser.parse_args()
-    mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{scratch_folder('bench-logging-')}/mlflow.db")
     mlflow.set_experiment("bench-logging")
     example = draw_sample(args.data_dir, 1).test.features()[:5]
     client = mlflow.MlflowClient()

@@ -14,9 +14,10 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,7 +39,7 @@ def main():
     data_dir = str(Path(args.data_dir).resolve())
     seed_times, cold_times, warm_times, direct_times = [], [], [], []
     for _ in range(args.repeats):
-        store = tempfile.mkdtemp()
+        store = scratch_folder("bench-pipeline-vs-seed-")
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
                "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -50,7 +51,8 @@ def main():
         cold_times.append(timed(pipeline, env))
         warm_times.append(timed(pipeline, env))
         # The same study without `mlflow run`'s own process, on another fresh store.
-        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+        direct_store = scratch_folder("bench-pipeline-vs-seed-")
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{direct_store}/mlflow.db"
         direct_times.append(timed([sys.executable, "-m", "pipeline", "main", "--data_dir",
                                    data_dir, "--epochs", args.epochs], env))
     seed, cold, warm, direct = (statistics.median(t) for t in

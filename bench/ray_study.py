@@ -30,11 +30,11 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from scratch import scratch_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 DISPATCHED = re.compile(r"^\[main\] (\S+): (sent to Ray|sent to a worker|running)")
@@ -139,7 +139,7 @@ def main():
     last: dict[str, tuple[str, dict]] = {}
     for round_ in range(args.repeats):
         for label, extra in variants.items():
-            store = tempfile.mkdtemp(prefix=f"bench-ray-{label.replace(':', '')}-")
+            store = scratch_folder(f"bench-ray-{label.replace(':', '')}-")
             command = [sys.executable, "-m", "pipeline", "main", "--experiment", "bench-ray",
                        "--study", args.study, "--data_dir", data_dir, "--epochs", args.epochs,
                        "--force", "true", *extra]
@@ -200,7 +200,7 @@ def epoch_ratio(store: str, variant: str, data_dir: str) -> None:
 def bare_epochs(data_dir: str, config: str, epochs: int, seeds: list[int]) -> dict[str, float]:
     """`python -m pipeline train` with OMP_NUM_THREADS=1 for each seed at once, in a fresh
     store; each training's median epoch time."""
-    store = tempfile.mkdtemp(prefix="bench-ray-bare-")
+    store = scratch_folder("bench-ray-bare-")
     env = {**environment(store), "OMP_NUM_THREADS": "1"}
     timed_lines([sys.executable, "-m", "pipeline", "sample_data", "--experiment", "bench-ray",
                  "--data_dir", data_dir], env)

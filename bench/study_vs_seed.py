@@ -19,11 +19,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import psutil
+from scratch import scratch_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,7 +39,7 @@ def timed(commands: list[list[str]], env: dict) -> float:
 
 
 def fresh_store_env() -> tuple[dict, str]:
-    uri = f"sqlite:///{tempfile.mkdtemp(prefix='study-vs-seed-')}/mlflow.db"
+    uri = f"sqlite:///{scratch_folder('study-vs-seed-')}/mlflow.db"
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
             "MLFLOW_TRACKING_URI": uri, "MLFLOW_DISABLE_TELEMETRY": "true"}, uri
 
@@ -51,9 +51,7 @@ def stages_table(uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     [main] = mlflow.search_runs(experiment_names=["bench"], output_format="list",
                                 filter_string="tags.`pipeline.stage` = 'main'")
-    path = mlflow.artifacts.download_artifacts(run_id=main.info.run_id,
-                                               artifact_path="stages.csv")
-    return Path(path).read_text()
+    return mlflow.artifacts.load_text(f"runs:/{main.info.run_id}/stages.csv")
 
 
 def main():

@@ -13,7 +13,6 @@
 import argparse
 import os
 import statistics
-import tempfile
 import time
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -25,6 +24,7 @@ from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  #
 from full_mnist_epoch import epoch_times as training_epoch_times  # noqa: E402
 from pipeline.runs import tracking  # noqa: E402
 from pipeline.core.data import draw_sample  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 
 
 def cycle_cost(cycles: int) -> tuple[float, float]:
@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--cycles", type=int, default=50)
     args = parser.parse_args()
 
-    mlflow.set_tracking_uri(f"sqlite:///{tempfile.mkdtemp()}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{scratch_folder('bench-system-metrics-')}/mlflow.db")
     mlflow.set_experiment("bench-system-metrics")
     tracking.sample_system_metrics()
     interval = float(os.environ[tracking.SYSTEM_METRICS_INTERVAL_ENV])

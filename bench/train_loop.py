@@ -18,7 +18,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from pipeline.core.models import build_model  # noqa: E402
 from pipeline.core.train_settings import TrainSettings  # noqa: E402
 from pipeline.runs.metric_writer import MetricWriter  # noqa: E402
 from pipeline.stages.train import _log_epoch  # noqa: E402
+from scratch import scratch_folder  # noqa: E402
 from seed_notebook import MLP3, MLP4, load_seed_data, seed_epoch  # noqa: E402
 
 SEED_CLASSES = {"mlp3": MLP3, "mlp4": MLP4}
@@ -139,7 +139,7 @@ def main():
     sample = draw_sample(args.data_dir, 600)
     X, Y = load_seed_data(args.data_dir)
     assert torch.equal(sample.train.features(), X["train"]), "the two loaders drew different samples"
-    store = tempfile.mkdtemp()
+    store = scratch_folder("bench-train-loop-")
     mlflow.set_tracking_uri(f"sqlite:///{store}/mlflow.db")
     mlflow.set_experiment("bench-train-loop")
 

@@ -14,9 +14,10 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from scratch import scratch_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,11 @@ def main():
     parser.add_argument("--epochs", default="", help="empty: the space file's")
     parser.add_argument("--samples_per_class", default="600")
     parser.add_argument("--cpus_per_trial", default="1")
-    parser.add_argument("--store", default="", help="tracking store folder (default: a new temporary one)")
+    parser.add_argument("--store", default="",
+                        help="tracking store folder, kept (default: a temporary one, removed at exit)")
     args = parser.parse_args()
 
-    store = args.store or tempfile.mkdtemp(prefix="bench-tune-")
+    store = args.store or scratch_folder("bench-tune-")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db",
            "MLFLOW_DISABLE_TELEMETRY": "true", "PIPELINE_CACHE_DIR": f"{store}/cache"}
     command = [sys.executable, "-m", "pipeline", "tune", "--experiment", "bench-tune",
