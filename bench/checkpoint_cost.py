@@ -101,7 +101,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run")
     parser.add_argument("--checkpoint_dir", default=None,
-                        help="where checkpoints are written, kept (default: a temporary folder, removed at exit)")
+                        help="where checkpoints are written, kept (default: a temporary "
+                             "folder, removed at exit)")
     args = parser.parse_args()
 
     sample = draw_sample(args.data_dir, 600)

@@ -31,7 +31,8 @@ def main():
     parser.add_argument("--samples_per_class", default="600")
     parser.add_argument("--cpus_per_trial", default="1")
     parser.add_argument("--store", default="",
-                        help="tracking store folder, kept (default: a temporary one, removed at exit)")
+                        help="tracking store folder, kept (default: a temporary one, "
+                             "removed at exit)")
     args = parser.parse_args()
 
     store = args.store or scratch_folder("bench-tune-")
